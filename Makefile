@@ -1,0 +1,29 @@
+# make demo  -- set up a virtual environment and run the main job (train, fold, export, benchmark)
+# make test  -- set up the same environment and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo info bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/repghost demo
+
+info: setup
+	$(VENV)/bin/repghost info
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo-report

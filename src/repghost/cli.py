@@ -1,0 +1,133 @@
+"""The ``repghost`` command line: the only place that parses arguments or prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Dict, Optional, Sequence
+
+from .checkpoint import CheckpointError
+
+log = logging.getLogger("repghost")
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: Dict[str, Command] = {}
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+# --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+@command("info")
+def cmd_info(args: argparse.Namespace) -> int:
+    from .complexity import measure_widths
+
+    rows = measure_widths((3, args.img_size, args.img_size))
+    if args.json:
+        out = []
+        for r in rows:
+            pub = r["published"]
+            out.append(dict(name=r["name"], width=r["width"], measured=r["measured"], published=vars(pub)))
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"RepGhostNet widths, measured from the models at 1x3x{args.img_size}x{args.img_size}.")
+    print("Counting convention: params = every parameter (BN affine included, buffers not).")
+    print("  MACs = multiply-accumulates of conv and linear layers; a bias adds nothing; BN, activations,")
+    print("  pooling and element-wise ops are not counted (the paper's table). 'authors' counter' also")
+    print("  adds one op per output element of each biased conv, which is why folded models read higher.")
+    print("Forms: train; branch-folded = only the re-param branch folded (the authors' deploy files);")
+    print("  deploy = every conv-BN pair folded too (this project's deploy form, no BatchNorm left).\n")
+    header = (
+        f"{'model':<16}{'width':>6}  {'params train':>13}{'branch-folded':>14}{'deploy':>11}"
+        f"  {'MACs train':>11}{'deploy':>9}  {'authors train':>14}{'branch-f.':>10}{'deploy':>9}  spec"
+    )
+    print(header)
+    print("-" * len(header))
+    all_ok = True
+    for r in rows:
+        m, pub = r["measured"], r["published"]
+        t, b, d = m["train"], m["branch_folded"], m["deploy"]
+        ok = (
+            args.img_size == 224
+            and t["params"] == pub.params_train
+            and b["params"] == pub.params_branch_folded
+            and abs(t["macs"] / 1e6 - pub.macs_m) < 5e-4
+            and round(t["authors_macs"] / 1e6, 2) == round(pub.macs_authors_m, 2)
+        )
+        all_ok &= ok
+        print(
+            f"{r['name']:<16}{r['width']:>6}  {t['params']:>13,}{b['params']:>14,}{d['params']:>11,}"
+            f"  {t['macs'] / 1e6:>11.3f}{d['macs'] / 1e6:>9.3f}"
+            f"  {t['authors_macs'] / 1e6:>14.2f}{b['authors_macs'] / 1e6:>10.2f}{d['authors_macs'] / 1e6:>9.2f}"
+            f"  {'matches' if ok else ('n/a' if args.img_size != 224 else 'DIFFERS')}"
+        )
+    if args.img_size == 224:
+        print(
+            "\nspec = params (train, branch-folded) equal architecture.md section 4 exactly, MACs within "
+            "0.0005 M, authors' counter to 0.01 M: " + ("all match" if all_ok else "MISMATCH")
+        )
+    return 0 if all_ok or args.img_size != 224 else 1
+
+
+# --------------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------------
+@command("convert")
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    report = convert_checkpoint(args.input, args.output, model_name=args.model, use_ema=not args.no_ema)
+    weights = f", weights '{report.weights}'" if report.weights else ""
+    print(f"read     {report.source} ({report.layout} layout{weights})")
+    print(f"model    {report.model_name}, {report.config.num_classes} classes")
+    print(f"checked  deployed vs source logits on a random batch: {report.diff}")
+    print(f"wrote    {report.output} (deploy form, safetensors, no BatchNorm)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="repghost",
+        description="RepGhostNet: models, re-parameterization, checkpoints, training, export, benchmarks.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="params and MACs of every width, both forms, checked against the paper")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("convert", help="turn any supported checkpoint into a verified deploy-form file")
+    p.add_argument("input", help="checkpoint: authors'/timm (train or deploy form) or repghost's own")
+    p.add_argument("output", help="output .safetensors path")
+    p.add_argument("--model", default=None, help="model name (inferred from the file when omitted)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except (CheckpointError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        print(f"repghost {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"repghost {args.command}: interrupted", file=sys.stderr)
+        return 130

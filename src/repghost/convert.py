@@ -1,0 +1,76 @@
+"""Turn any supported checkpoint into a verified deploy-form safetensors file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .checkpoint import CheckpointError, infer_config, load_checkpoint, read_checkpoint, save_checkpoint
+from .models import config as C
+from .models.repghostnet import RepGhostConfig, RepGhostNet, fold_reparam_branches
+from .reparam import reparameterize_model
+from .verify import OutputDiff, compare_models
+
+__all__ = ["ConvertReport", "convert_checkpoint", "CONVERT_TOLERANCE"]
+
+# fp32 folding reorders a few sums; anything past this means the weights are not what they seem.
+CONVERT_TOLERANCE = 1e-4
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    layout: str
+    weights: str  # which entry of a training checkpoint was used ("" for a plain state dict)
+    model_name: str
+    config: RepGhostConfig
+    diff: OutputDiff
+    output: str
+
+
+def _source_model(cfg: RepGhostConfig, form: str) -> RepGhostNet:
+    model = RepGhostNet(dataclasses.replace(cfg, deploy=form == "deploy"))
+    return fold_reparam_branches(model) if form == "branch-folded" else model
+
+
+def convert_checkpoint(
+    source: Union[str, os.PathLike],
+    output: Union[str, os.PathLike],
+    *,
+    model_name: Optional[str] = None,
+    use_ema: bool = True,
+    input_size: Sequence[int] = (3, 224, 224),
+    seed: int = 0,
+) -> ConvertReport:
+    """Load ``source`` (any supported layout), fold it fully, check the logits, write ``output``.
+
+    The model is inferred from the file (metadata, else tensor shapes); ``model_name`` asserts
+    it. The deployed model's outputs are compared with the source model's on a random batch and
+    the conversion fails (writing nothing) if the scale-relative error exceeds
+    ``CONVERT_TOLERANCE``.
+    """
+    if model_name is not None and model_name not in C.WIDTHS:
+        raise ValueError(f"unknown model {model_name!r}; valid names: {', '.join(C.WIDTHS)}")
+    ckpt = read_checkpoint(source, use_ema=use_ema)
+    cfg = infer_config(ckpt)
+    found = C.model_name_for_width(cfg.width) or f"width {cfg.width}"
+    if model_name is not None and C.WIDTHS[model_name] != cfg.width:
+        raise CheckpointError(f"{source} holds {found} weights, not {model_name}; pass --model {found}")
+
+    reference = _source_model(cfg, ckpt.form)
+    load_checkpoint(reference, ckpt)
+    deployed = reparameterize_model(reference, inplace=False)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(2, cfg.in_chans, *input_size[1:], generator=generator)
+    diff = compare_models(reference, deployed, inputs)
+    if not diff.max_rel <= CONVERT_TOLERANCE:
+        raise CheckpointError(
+            f"the folded model's logits differ from the source model's ({diff}); nothing was "
+            "written. The checkpoint may hold non-finite or corrupt values."
+        )
+    path = save_checkpoint(deployed, output, metadata={"converted_from": os.path.basename(str(source))})
+    return ConvertReport(str(source), ckpt.layout, ckpt.source, found, deployed.cfg, diff, str(path))
