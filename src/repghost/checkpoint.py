@@ -47,6 +47,7 @@ __all__ = [
     "save_checkpoint",
     "infer_config",
     "atomic_write",
+    "model_from_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,12 +230,16 @@ def read_checkpoint(path: PathLike, *, use_ema: bool = True) -> Checkpoint:
             else f"checkpoint path is not a file: {p}"
         )
     raw, metadata = _read_raw(p)
+    if isinstance(raw, Mapping) and isinstance(raw.get("metadata"), Mapping):
+        metadata = {str(k): str(v) for k, v in raw["metadata"].items()}  # repghost training files
     state_dict, source = _unwrap(raw, p, use_ema)
     state_dict = _strip_prefixes(state_dict)
     try:
         layout = detect_layout(state_dict)
     except CheckpointError as exc:
         raise CheckpointError(f"{p}: {exc}") from None
+    if metadata.get("format") == FORMAT_NAME and f"repghost-{metadata.get('form')}" in LAYOUT_FORMS:
+        layout = f"repghost-{metadata['form']}"
     return Checkpoint(str(p), state_dict, layout, source, metadata)
 
 
@@ -481,3 +486,31 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, metadata: Optional[Mapp
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def model_from_checkpoint(
+    path: Union[PathLike, Checkpoint],
+    *,
+    model_name: Optional[str] = None,
+    use_ema: bool = True,
+    channels_last: bool = True,
+) -> Tuple[RepGhostNet, Checkpoint]:
+    """Build the model a checkpoint holds, in the checkpoint's own form, and load it.
+
+    The configuration comes from the file's metadata, else from its tensor shapes; ``model_name``
+    asserts the width. Returns the model (eval mode) and the :class:`Checkpoint` it came from.
+    """
+    if model_name is not None and model_name not in C.WIDTHS:
+        raise ValueError(f"unknown model {model_name!r}; valid names: {', '.join(C.WIDTHS)}")
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path, use_ema=use_ema)
+    cfg = infer_config(ckpt)
+    found = C.model_name_for_width(cfg.width) or f"width {cfg.width}"
+    if model_name is not None and C.WIDTHS[model_name] != cfg.width:
+        raise CheckpointError(f"{ckpt.path} holds {found} weights, not {model_name}; use {found}")
+    model = RepGhostNet(dataclasses.replace(cfg, deploy=ckpt.form == "deploy"))
+    if ckpt.form == "branch-folded":
+        fold_reparam_branches(model)
+    load_checkpoint(model, ckpt)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval(), ckpt

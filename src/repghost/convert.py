@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import CheckpointError, infer_config, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
 from .models import config as C
-from .models.repghostnet import RepGhostConfig, RepGhostNet, fold_reparam_branches
+from .models.repghostnet import RepGhostConfig
 from .reparam import reparameterize_model
 from .verify import OutputDiff, compare_models
 
@@ -32,11 +31,6 @@ class ConvertReport:
     output: str
 
 
-def _source_model(cfg: RepGhostConfig, form: str) -> RepGhostNet:
-    model = RepGhostNet(dataclasses.replace(cfg, deploy=form == "deploy"))
-    return fold_reparam_branches(model) if form == "branch-folded" else model
-
-
 def convert_checkpoint(
     source: Union[str, os.PathLike],
     output: Union[str, os.PathLike],
@@ -53,16 +47,9 @@ def convert_checkpoint(
     the conversion fails (writing nothing) if the scale-relative error exceeds
     ``CONVERT_TOLERANCE``.
     """
-    if model_name is not None and model_name not in C.WIDTHS:
-        raise ValueError(f"unknown model {model_name!r}; valid names: {', '.join(C.WIDTHS)}")
-    ckpt = read_checkpoint(source, use_ema=use_ema)
-    cfg = infer_config(ckpt)
+    reference, ckpt = model_from_checkpoint(source, model_name=model_name, use_ema=use_ema)
+    cfg = reference.cfg
     found = C.model_name_for_width(cfg.width) or f"width {cfg.width}"
-    if model_name is not None and C.WIDTHS[model_name] != cfg.width:
-        raise CheckpointError(f"{source} holds {found} weights, not {model_name}; pass --model {found}")
-
-    reference = _source_model(cfg, ckpt.form)
-    load_checkpoint(reference, ckpt)
     deployed = reparameterize_model(reference, inplace=False)
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(2, cfg.in_chans, *input_size[1:], generator=generator)
