@@ -1,35 +1,29 @@
-"""The ``repghost`` command line: the only place that parses arguments or prints."""
+"""``repghost info`` and ``repghost convert``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
-from typing import Callable, Dict, Optional, Sequence
-
-from .checkpoint import CheckpointError
-
-log = logging.getLogger("repghost")
-
-Command = Callable[[argparse.Namespace], int]
-COMMANDS: Dict[str, Command] = {}
 
 
-def command(name: str) -> Callable[[Command], Command]:
-    def register(fn: Command) -> Command:
-        COMMANDS[name] = fn
-        return fn
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="params and MACs of every width, both forms, checked against the paper")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_info)
 
-    return register
-
+    p = sub.add_parser("convert", help="turn any supported checkpoint into a verified deploy-form file")
+    p.add_argument("input", help="checkpoint: authors'/timm (train or deploy form) or repghost's own")
+    p.add_argument("output", help="output .safetensors path")
+    p.add_argument("--model", default=None, help="model name (inferred from the file when omitted)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
+    p.set_defaults(run=cmd_convert)
 
 # --------------------------------------------------------------------------------------------
 # info
 # --------------------------------------------------------------------------------------------
-@command("info")
 def cmd_info(args: argparse.Namespace) -> int:
-    from .complexity import measure_widths
+    from ..complexity import measure_widths
 
     rows = measure_widths((3, args.img_size, args.img_size))
     if args.json:
@@ -81,9 +75,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # convert
 # --------------------------------------------------------------------------------------------
-@command("convert")
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_checkpoint
+    from ..convert import convert_checkpoint
 
     report = convert_checkpoint(args.input, args.output, model_name=args.model, use_ema=not args.no_ema)
     weights = f", weights '{report.weights}'" if report.weights else ""
@@ -92,42 +85,3 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"checked  deployed vs source logits on a random batch: {report.diff}")
     print(f"wrote    {report.output} (deploy form, safetensors, no BatchNorm)")
     return 0
-
-
-# --------------------------------------------------------------------------------------------
-# parser
-# --------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="repghost",
-        description="RepGhostNet: models, re-parameterization, checkpoints, training, export, benchmarks.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("info", help="params and MACs of every width, both forms, checked against the paper")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p = sub.add_parser("convert", help="turn any supported checkpoint into a verified deploy-form file")
-    p.add_argument("input", help="checkpoint: authors'/timm (train or deploy form) or repghost's own")
-    p.add_argument("output", help="output .safetensors path")
-    p.add_argument("--model", default=None, help="model name (inferred from the file when omitted)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return COMMANDS[args.command](args)
-    except (CheckpointError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        print(f"repghost {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"repghost {args.command}: interrupted", file=sys.stderr)
-        return 130
