@@ -11,9 +11,9 @@ import sys
 from typing import Optional, Sequence
 
 from ..checkpoint import CheckpointError
-from . import core
+from . import core, training
 
-COMMAND_GROUPS = [core]
+COMMAND_GROUPS = [core, training]
 # Errors a user can fix: printed as one line, exit status 2.
 USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
