@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.fx
 from torch import nn
 from torch.nn import functional as F
 
 from .reparam import fold_batchnorm
 
-__all__ = ["make_divisible", "ConvNorm", "SqueezeExcite"]
+__all__ = ["make_divisible", "ConvNorm", "SqueezeExcite", "Classifier"]
 
 
 def make_divisible(value: float, divisor: int = 4) -> int:
@@ -124,3 +125,27 @@ class SqueezeExcite(nn.Module):
         s = F.adaptive_avg_pool2d(x, 1)
         s = self.conv_expand(self.act(self.conv_reduce(s)))
         return x * self.gate(s)
+
+
+class Classifier(nn.Linear):
+    """A linear classifier that also takes the pooled ``(N, C, 1, 1)`` map, as a 1x1 convolution.
+
+    Parameters and keys are ``nn.Linear``'s. The network applies it before flattening, so an
+    exported graph ends in a Conv instead of Flatten + Gemm, which ONNX Runtime and MNN keep in
+    their blocked conv layout (docs/benchmarks.md has the measured effect). A ``(N, C)`` input is
+    handled as by ``nn.Linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_or_pointwise(x, self.weight, self.bias)
+
+
+def linear_or_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear`` on ``(N, C)``, the same weights as a 1x1 conv on ``(N, C, H, W)``."""
+    if x.dim() == 4:
+        return F.conv2d(x, weight[:, :, None, None], bias)
+    return F.linear(x, weight, bias)
+
+
+# torch.fx cannot branch on a traced tensor's rank: record this function as one node instead.
+torch.fx.wrap("linear_or_pointwise")

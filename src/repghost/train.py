@@ -34,7 +34,7 @@ from .models import create_model
 from .reparam import reparameterize_model
 from .train_config import TrainConfig, load_config, resolve_lr, save_config
 
-__all__ = ["train", "resume_config", "TrainResult", "NonFiniteLossError", "TrainCallbacks", "RunDirError"]
+__all__ = ["train", "train_step", "resume_config", "TrainResult", "NonFiniteLossError", "TrainCallbacks", "RunDirError"]
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,40 @@ def _train_loader(cfg: TrainConfig, ctx: DistContext, train_set, sampler, epoch:
 # --------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------
+def train_step(
+    forward: nn.Module,
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    scaler: torch.amp.GradScaler,
+    amp_dtype: Optional[torch.dtype] = None,
+    clip_grad: Optional[float] = None,
+    world_size: int = 1,
+) -> Optional[float]:
+    """One optimization step; returns the loss, or ``None`` (and no update) if it is not finite.
+
+    ``forward`` is what runs the batch (the model, its DDP wrapper or a compiled one); ``model`` is
+    the plain module whose parameters are clipped. The finiteness check agrees across ranks.
+    """
+    autocast = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with autocast:
+        loss = criterion(forward(images), targets)
+    finite = torch.isfinite(loss.detach()).to(torch.float64).reshape(1)
+    if float(all_reduce_sum(finite)) < world_size:
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -472,32 +506,21 @@ class _Run:
         }
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, batch: int) -> float:
-        cfg = self.cfg
-        autocast = (
-            torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else contextlib.nullcontext()
+        loss = train_step(
+            self.forward, self.model, images, targets,
+            optimizer=self.optimizer, criterion=self.criterion, scaler=self.scaler,
+            amp_dtype=self.amp_dtype, clip_grad=self.cfg.clip_grad, world_size=self.ctx.world_size,
         )
-        with autocast:
-            loss = self.criterion(self.forward(images), targets)
-        finite = torch.isfinite(loss.detach()).to(torch.float64).reshape(1)
-        if float(all_reduce_sum(finite.clone())) < self.ctx.world_size:
+        if loss is None:
             raise NonFiniteLossError(
-                f"the loss became {loss.item()} at epoch {epoch}, batch {batch} (lr "
+                f"the loss became non-finite at epoch {epoch}, batch {batch} (lr "
                 f"{self.optimizer.param_groups[0]['lr']:.4g}); training stopped and the last good "
                 f"checkpoint is kept at {self.run_dir / LAST}. Lower --lr, set clip_grad, or check the data."
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if cfg.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
         self.global_step += 1
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        return float(loss.detach())
+        return loss
 
     def _evaluate_epoch(self, epoch: int) -> Dict[str, Any]:
         kw = dict(device=self.ctx.device, amp_dtype=self.amp_dtype, channels_last=self.cfg.channels_last)

@@ -11,11 +11,20 @@ import sys
 from typing import Optional, Sequence
 
 from ..checkpoint import CheckpointError
-from . import core, training
+from ..export import MissingRuntimeError
+from . import core, demo, deploy, training
 
-COMMAND_GROUPS = [core, training]
+COMMAND_GROUPS = [core, training, deploy, demo]
 # Errors a user can fix: printed as one line, exit status 2.
-USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRORS = (
+    CheckpointError,
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    MissingRuntimeError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import ConvNorm, SqueezeExcite, make_divisible
+from ..layers import Classifier, ConvNorm, SqueezeExcite, make_divisible
 from ..reparam import fold_batchnorm, identity_kernel
 from . import config as C
 
@@ -267,7 +267,7 @@ class RepGhostNet(nn.Module):
         ]
 
     def _make_classifier(self, num_classes: int) -> nn.Module:
-        return nn.Linear(C.HEAD_CHS, num_classes) if num_classes > 0 else nn.Identity()
+        return Classifier(C.HEAD_CHS, num_classes) if num_classes > 0 else nn.Identity()
 
     def reparameterize(self) -> None:
         """Record the deployed form in ``cfg``; ``reparameterize_model`` folds the parts."""
@@ -299,9 +299,10 @@ class RepGhostNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits (or the 1280-d pre-logits vector)."""
         x = self.global_pool(x)
-        x = self.act_head(self.conv_head(x))
-        x = self.dropout(self.flatten(x))
-        return x if pre_logits else self.classifier(x)
+        x = self.dropout(self.act_head(self.conv_head(x)))  # element-wise: same on (N, C, 1, 1)
+        if pre_logits:
+            return self.flatten(x)
+        return self.flatten(self.classifier(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -1,0 +1,568 @@
+"""Batch-1 CPU latency of RepGhostNet and public baselines in several runtimes.
+
+Method (shared/spec/benchmarks.md): batch 1, float32, the same number of threads in every runtime
+(1 by default), eval mode, no grad; every exported model is verified against eager PyTorch before
+it is timed (:func:`repghost.export.export_model`); after a warm-up, every (model, runtime) pair is
+run once per round, in a freshly shuffled order each round, so load changes on a shared machine
+hit all of them alike. Reported per pair: median, p10 and p90 of the samples, and the ratio to a
+reference model in the same runtime and run (ratio of medians, and the median of the per-round
+ratios, which is the steadier of the two).
+
+Model keys (:func:`parse_model`): ``repghostnet_100`` is this project's model in deploy form
+(fully folded, channels_last as ``create_model`` builds it); options ``:train`` (train form) and
+``:nchw``/``:cl`` (memory format) may follow. ``timm:NAME`` is a timm model with random weights,
+re-parameterized with ``timm.utils.reparameterize_model`` when it has re-param branches
+(RepGhostNet, MobileOne, GhostNetV3; ``:train`` skips that), NCHW unless ``:cl``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write
+from .export import (
+    EXPORT_TOLERANCE,
+    SUFFIXES,
+    ExportVerificationError,
+    export_model,
+    load_runner,
+    require_format,
+    runtime_versions,
+)
+from .models import create_model, list_models
+from .published import SOURCES, published_accuracy
+from .reparam import reparameterize_model
+from .verify import output_diff
+
+__all__ = [
+    "RUNTIMES",
+    "DEFAULT_RUNTIMES",
+    "DEFAULT_MODELS",
+    "ModelSpec",
+    "Measurement",
+    "BenchmarkResult",
+    "parse_model",
+    "build_model",
+    "check_runtimes",
+    "prepare_runner",
+    "time_interleaved",
+    "run_benchmark",
+    "environment",
+    "markdown_table",
+    "plot_accuracy_latency",
+    "write_results",
+]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+Runner = Callable[[np.ndarray], object]
+
+# eager: the nn.Module; torchscript: traced, frozen and optimize_for_inference'd (PyTorch's
+# fastest path without a compiler); compile: torch.compile (inductor; needs a C++ compiler and
+# tens of seconds per model); the rest run the exported file.
+RUNTIMES = ("eager", "torchscript", "compile", "onnxruntime", "mnn", "executorch")
+DEFAULT_RUNTIMES = ("eager", "onnxruntime", "mnn")
+_EXPORT_FORMAT = {"torchscript": "torchscript", "onnxruntime": "onnx", "mnn": "mnn", "executorch": "executorch"}
+# timm families whose models carry re-param branches to fold before timing.
+TIMM_REPARAM_PREFIXES = ("repghostnet", "mobileone", "ghostnetv3")
+DEFAULT_MODELS = (
+    "repghostnet_100",
+    "repghostnet_100:train",
+    "repghostnet_100:nchw",
+    "timm:repghostnet_100",
+    "repghostnet_050",
+    "timm:repghostnet_050",
+    "timm:ghostnet_050",
+    "timm:ghostnet_100",
+    "timm:ghostnet_130",
+    "timm:mobilenetv3_small_100",
+    "timm:mobilenetv3_large_075",
+    "timm:mobilenetv3_large_100",
+    "timm:ghostnetv3_100",
+    "timm:mobileone_s0",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a comparison, parsed from a key such as ``timm:ghostnet_100``."""
+
+    key: str
+    source: str  # "repghost" or "timm"
+    arch: str
+    train_form: bool
+    channels_last: bool
+
+    @property
+    def label(self) -> str:
+        return self.key
+
+
+def parse_model(key: str) -> ModelSpec:
+    """Parse ``[timm:]NAME[:train][:nchw|:cl]`` (see the module docstring)."""
+    parts = key.split(":")
+    source = "repghost"
+    if parts[0] == "timm":
+        source, parts = "timm", parts[1:]
+    if not parts or not parts[0]:
+        raise ValueError(f"model key {key!r} names no model; e.g. repghostnet_100, repghostnet_100:train, timm:ghostnet_100")
+    arch, options = parts[0], parts[1:]
+    unknown = [o for o in options if o not in ("train", "nchw", "cl")]
+    if unknown or ("nchw" in options and "cl" in options):
+        raise ValueError(f"model key {key!r}: options are :train and one of :nchw / :cl, got {options}")
+    if source == "repghost" and arch not in list_models():
+        raise ValueError(
+            f"unknown model {arch!r} in {key!r}; this project's models: {', '.join(list_models())}; "
+            "prefix timm models with 'timm:'"
+        )
+    if source == "timm":
+        import timm
+
+        if not timm.is_model(arch):
+            raise ValueError(f"timm has no model {arch!r} (from {key!r}); see timm.list_models()")
+    channels_last = ("cl" in options) or (source == "repghost" and "nchw" not in options)
+    return ModelSpec(key, source, arch, "train" in options, channels_last)
+
+
+def build_model(spec: ModelSpec, *, seed: int = 0) -> nn.Module:
+    """The model a spec names, with random weights, in eval mode and in the form to be timed."""
+    torch.manual_seed(seed)
+    if spec.source == "repghost":
+        model = create_model(spec.arch, channels_last=spec.channels_last)
+        if not spec.train_form:
+            model = reparameterize_model(model, inplace=True)
+    else:
+        import timm
+        from timm.utils.model import reparameterize_model as timm_reparameterize
+
+        model = timm.create_model(spec.arch, pretrained=False)
+        if not spec.train_form and spec.arch.startswith(TIMM_REPARAM_PREFIXES):
+            model = timm_reparameterize(model)  # returns a folded copy; the original is dropped
+        if spec.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Runners
+# --------------------------------------------------------------------------------------------
+def check_runtimes(runtimes: Sequence[str]) -> None:
+    """``ValueError`` for unknown runtimes, :class:`~repghost.export.MissingRuntimeError` for
+    uninstalled ones: checked before any model is built, not after minutes of exports."""
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown or not runtimes:
+        raise ValueError(f"unknown runtime(s) {unknown or '(none given)'}; valid runtimes: {', '.join(RUNTIMES)}")
+    for runtime in runtimes:
+        if runtime in _EXPORT_FORMAT:
+            require_format(_EXPORT_FORMAT[runtime])
+
+
+def _check_same(run: Runner, model: nn.Module, x: np.ndarray, what: str, tolerance: float) -> float:
+    """Compare a torch-side runner (frozen, compiled) with the eager model; return max_rel."""
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x))
+        got = run(x)
+    diff = output_diff(expected, got)
+    if not diff.max_rel <= tolerance:
+        raise ExportVerificationError(f"{what} differs from eager PyTorch ({diff}; tolerance {tolerance:g})")
+    return diff.max_rel
+
+
+def prepare_runner(
+    model: nn.Module,
+    runtime: str,
+    *,
+    input_size: Sequence[int],
+    threads: int,
+    work_dir: str,
+    name: str,
+    tolerance: float = EXPORT_TOLERANCE,
+) -> Tuple[Runner, float]:
+    """Make ``run(x)`` for ``model`` in ``runtime``, verified against eager; returns it and max_rel.
+
+    Exports go to ``work_dir`` as ``name`` + the format's suffix.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; valid runtimes: {', '.join(RUNTIMES)}")
+    torch.set_num_threads(threads)
+    x = np.random.default_rng(1).standard_normal((1, *input_size), dtype=np.float32)
+    if runtime == "eager":
+
+        @torch.no_grad()
+        def run_eager(inputs: np.ndarray) -> torch.Tensor:
+            return model(torch.from_numpy(inputs))
+
+        return run_eager, 0.0
+    if runtime == "compile":
+        compiled = torch.compile(model)
+
+        @torch.no_grad()
+        def run_compiled(inputs: np.ndarray) -> torch.Tensor:
+            return compiled(torch.from_numpy(inputs))
+
+        return run_compiled, _check_same(run_compiled, model, x, "torch.compile", tolerance)
+
+    fmt = _EXPORT_FORMAT[runtime]
+    path = os.path.join(work_dir, name + SUFFIXES[fmt])
+    report = export_model(model, path, fmt, input_size=tuple(input_size), reparameterize=False, tolerance=tolerance)
+    if runtime != "torchscript":
+        return load_runner(path, fmt, threads=threads), report.max_rel
+    # PyTorch's fastest path without a compiler: freeze the verified trace (weights become
+    # constants, conv-BN folded) and let optimize_for_inference pick the CPU kernels.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.load(path).eval()))
+
+    @torch.no_grad()
+    def run_frozen(inputs: np.ndarray) -> torch.Tensor:
+        return frozen(torch.from_numpy(inputs))
+
+    return run_frozen, max(report.max_rel, _check_same(run_frozen, model, x, "frozen TorchScript", tolerance))
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+def time_interleaved(
+    runners: Dict[Hashable, Callable[[], object]],
+    *,
+    rounds: int,
+    warmup: int,
+    seed: int = 0,
+    progress: Optional[Progress] = None,
+) -> Dict[Hashable, List[float]]:
+    """Time each zero-argument callable once per round, in a shuffled order; seconds per call.
+
+    ``warmup`` untimed calls per callable come first. The garbage collector is paused while
+    timing so that a collection is not charged to whichever call happens to trigger it.
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    names = list(runners)
+    for name in names:
+        for _ in range(warmup):
+            runners[name]()
+    samples: Dict[Hashable, List[float]] = {name: [] for name in names}
+    rng = random.Random(seed)
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            rng.shuffle(names)
+            for name in names:
+                fn = runners[name]
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
+            if progress is not None:
+                progress("measure", r + 1, rounds)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples
+
+
+@dataclass
+class Measurement:
+    """Latency of one model in one runtime (milliseconds)."""
+
+    model: str
+    runtime: str
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    samples_ms: List[float] = field(repr=False)
+    max_rel_error: float  # of the timed artefact vs eager PyTorch (0 for eager itself)
+    ratio: Optional[float] = None  # median / reference median, same runtime and run
+    paired_ratio: Optional[float] = None  # median over rounds of (this / reference) in that round
+    top1: Optional[float] = None
+    top1_source: Optional[str] = None
+
+
+@dataclass
+class BenchmarkResult:
+    environment: Dict[str, object]
+    settings: Dict[str, object]
+    reference: Optional[str]
+    measurements: List[Measurement]
+
+    def get(self, model: str, runtime: str) -> Measurement:
+        for m in self.measurements:
+            if m.model == model and m.runtime == runtime:
+                return m
+        raise KeyError(f"no measurement of {model!r} in {runtime!r}")
+
+    def ratio(self, model: str, reference: str, runtime: str) -> float:
+        """Median over rounds of latency(model) / latency(reference), both from this run."""
+        a, b = self.get(model, runtime).samples_ms, self.get(reference, runtime).samples_ms
+        return float(np.median(np.asarray(a) / np.asarray(b)))
+
+    def to_dict(self) -> Dict[str, object]:
+        return dict(
+            environment=self.environment,
+            settings=self.settings,
+            reference=self.reference,
+            measurements=[asdict(m) for m in self.measurements],
+        )
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int) -> Dict[str, object]:
+    """Where and with what a benchmark ran: CPU, versions, threads, date, load."""
+    import timm
+
+    env: Dict[str, object] = dict(
+        cpu=_cpu_model(),
+        cpu_count=os.cpu_count(),
+        platform=platform.platform(),
+        python=sys.version.split()[0],
+        threads=threads,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=dict(runtime_versions(), timm=timm.__version__, numpy=np.__version__),
+    )
+    if hasattr(os, "getloadavg"):
+        env["loadavg_start"] = list(os.getloadavg())
+    return env
+
+
+def _slug(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+def run_benchmark(
+    models: Sequence[str] = DEFAULT_MODELS,
+    runtimes: Sequence[str] = DEFAULT_RUNTIMES,
+    *,
+    reference: Optional[str] = None,
+    threads: int = 1,
+    input_size: Sequence[int] = (3, 224, 224),
+    rounds: int = 100,
+    warmup: int = 10,
+    seed: int = 0,
+    work_dir: Optional[str] = None,
+    progress: Optional[Progress] = None,
+) -> BenchmarkResult:
+    """Build, export, verify and time every model in every runtime, interleaved, in one run.
+
+    ``models`` are keys for :func:`parse_model`; ``reference`` (default: the first model) is what
+    ratios are taken against. Exports are written to ``work_dir`` (default: a temporary folder,
+    removed afterwards). Raises ``ValueError`` for unknown models/runtimes and
+    :class:`~repghost.export.ExportVerificationError` if an export does not match eager PyTorch.
+    The process's torch thread count is restored afterwards.
+    """
+    specs = [parse_model(k) for k in models]
+    if len({s.key for s in specs}) != len(specs):
+        raise ValueError(f"a model is listed twice in {list(models)}")
+    check_runtimes(runtimes)
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    reference = reference if reference is not None else specs[0].key
+    if reference not in {s.key for s in specs}:
+        raise ValueError(f"reference {reference!r} is not one of the models {[s.key for s in specs]}")
+
+    saved_threads = torch.get_num_threads()
+    own_dir = work_dir is None
+    work = tempfile.mkdtemp(prefix="repghost-bench-") if own_dir else str(work_dir)
+    os.makedirs(work, exist_ok=True)
+    try:
+        env = environment(threads)
+        x = np.random.default_rng(seed).standard_normal((1, *input_size), dtype=np.float32)
+        runners: Dict[Tuple[str, str], Callable[[], object]] = {}
+        errors: Dict[Tuple[str, str], float] = {}
+        total, done = len(specs) * len(runtimes), 0
+        for spec in specs:
+            model = build_model(spec, seed=seed)
+            for runtime in runtimes:
+                run, max_rel = prepare_runner(
+                    model, runtime, input_size=input_size, threads=threads, work_dir=work, name=_slug(spec.key)
+                )
+                runners[(spec.key, runtime)] = (lambda run=run: run(x))
+                errors[(spec.key, runtime)] = max_rel
+                done += 1
+                if progress is not None:
+                    progress("prepare", done, total)
+        torch.set_num_threads(threads)
+        by_name = {f"{m}\0{r}": fn for (m, r), fn in runners.items()}
+        samples = time_interleaved(by_name, rounds=rounds, warmup=warmup, seed=seed, progress=progress)
+        if hasattr(os, "getloadavg"):
+            env["loadavg_end"] = list(os.getloadavg())
+    finally:
+        torch.set_num_threads(saved_threads)
+        if own_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    measurements = []
+    for spec in specs:
+        for runtime in runtimes:
+            ms = [s * 1e3 for s in samples[f"{spec.key}\0{runtime}"]]
+            published = published_accuracy(spec.arch)
+            measurements.append(
+                Measurement(
+                    model=spec.key,
+                    runtime=runtime,
+                    median_ms=float(np.median(ms)),
+                    p10_ms=float(np.percentile(ms, 10)),
+                    p90_ms=float(np.percentile(ms, 90)),
+                    samples_ms=ms,
+                    max_rel_error=errors[(spec.key, runtime)],
+                    top1=published.top1 if published else None,
+                    top1_source=published.source if published else None,
+                )
+            )
+    result = BenchmarkResult(
+        environment=env,
+        settings=dict(
+            models=[s.key for s in specs],
+            runtimes=list(runtimes),
+            threads=threads,
+            input_shape=[1, *input_size],
+            rounds=rounds,
+            warmup=warmup,
+            seed=seed,
+            method="interleaved round-robin, shuffled each round; median, p10, p90 per pair",
+        ),
+        reference=reference,
+        measurements=measurements,
+    )
+    for m in measurements:
+        ref = result.get(reference, m.runtime)
+        m.ratio = m.median_ms / ref.median_ms
+        m.paired_ratio = result.ratio(m.model, reference, m.runtime)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+def markdown_table(result: BenchmarkResult) -> str:
+    """One row per model, one column group per runtime: median ms [p10-p90] and ratio."""
+    runtimes = list(result.settings["runtimes"])  # type: ignore[arg-type]
+    models = list(result.settings["models"])  # type: ignore[arg-type]
+    env = result.environment
+    shape = "x".join(str(s) for s in result.settings["input_shape"])  # type: ignore[union-attr]
+    lines = [
+        f"Batch-1 latency, {shape} float32, {env['threads']} thread(s), {result.settings['rounds']} "
+        f"interleaved rounds; {env['cpu']}; {env['date']}.",
+        f"Median ms [p10-p90]; ratio = median over rounds of latency / latency of {result.reference} "
+        "in that round, same runtime.",
+        "",
+        "| model | top-1 | " + " | ".join(f"{r} ms | {r} ratio" for r in runtimes) + " |",
+        "|---|---|" + "---|---|" * len(runtimes),
+    ]
+    for model in models:
+        first = result.get(model, runtimes[0])
+        cells = [model, f"{first.top1:.1f}" if first.top1 is not None else "-"]
+        for runtime in runtimes:
+            m = result.get(model, runtime)
+            cells.append(f"{m.median_ms:.2f} [{m.p10_ms:.2f}-{m.p90_ms:.2f}]")
+            cells.append(f"{m.paired_ratio:.2f}" if m.paired_ratio is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    sources = sorted({m.top1_source for m in result.measurements if m.top1_source})
+    if sources:
+        lines += ["", "Top-1: published ImageNet-1k accuracy, from " + "; ".join(sources) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _series(spec: ModelSpec) -> str:
+    """Plot series: the architecture family, split by who built it and in which form."""
+    family = published_accuracy(spec.arch).family  # type: ignore[union-attr]
+    if spec.source == "timm":
+        return f"{family} (timm)" if family == "RepGhostNet" else family
+    variant = ["train form" if spec.train_form else "", "" if spec.channels_last else "NCHW"]
+    extra = ", ".join(v for v in variant if v)
+    return f"{family} (repghost{', ' + extra if extra else ''})"
+
+
+def plot_accuracy_latency(result: BenchmarkResult, path: os.PathLike | str) -> Path:
+    """Write a PNG: published top-1 vs measured median latency, one panel per runtime."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; never opens a window
+    import matplotlib.pyplot as plt
+
+    runtimes = list(result.settings["runtimes"])  # type: ignore[arg-type]
+    cols = min(2, len(runtimes))
+    rows = -(-len(runtimes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 5 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(runtimes):]:
+        ax.set_visible(False)
+    series_of = {m.model: _series(parse_model(m.model)) for m in result.measurements if m.top1 is not None}
+    names = sorted(set(series_of.values()))
+    markers = dict(zip(names, "o^sDvP*Xhp<>"))
+    for ax, runtime in zip(axes.flat, runtimes):
+        points = [m for m in result.measurements if m.runtime == runtime and m.model in series_of]
+        for name in names:
+            series = sorted((m for m in points if series_of[m.model] == name), key=lambda m: m.median_ms)
+            if not series:
+                continue
+            xs = [m.median_ms for m in series]
+            err = [[m.median_ms - m.p10_ms for m in series], [m.p90_ms - m.median_ms for m in series]]
+            ax.errorbar(xs, [m.top1 for m in series], xerr=err, marker=markers.get(name, "o"), capsize=2, label=name)
+            for m in series:
+                ax.annotate(m.model, (m.median_ms, m.top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"{runtime}, {result.environment['threads']} thread(s)")
+        ax.set_xlabel("batch-1 latency, median ms (bars: p10-p90)")
+        ax.set_ylabel("ImageNet top-1 (%), published")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.2, y=0.15)  # room for the point labels
+        ax.legend(fontsize=8, loc="best")
+    families = sorted({published_accuracy(parse_model(m).arch).family for m in series_of})  # type: ignore[union-attr]
+    cited = [f"{f}: {SOURCES[f]}" for f in families]
+    fig.text(0.01, 0.01, "Top-1 sources. " + " | ".join(cited), fontsize=6.5, wrap=True)
+    fig.suptitle(f"Accuracy vs latency on {result.environment['cpu']}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.5 / (5 * rows + 0.6), 1, 0.96))
+    target = Path(path)
+    atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return target
+
+
+def write_results(
+    result: BenchmarkResult, out_dir: os.PathLike | str, *, stem: str = "benchmark", plot: bool = True
+) -> Dict[str, Path]:
+    """Write ``{stem}.json``, ``{stem}.md`` and (with ``plot``) ``{stem}.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {out}")
+    paths = {
+        "json": atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2))),
+        "markdown": atomic_write(out / f"{stem}.md", lambda tmp: Path(tmp).write_text(markdown_table(result))),
+    }
+    if plot:
+        paths["png"] = plot_accuracy_latency(result, out / f"{stem}.png")
+    return paths
