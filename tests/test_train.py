@@ -170,6 +170,9 @@ def test_amp_clip_and_compile_code_paths_on_cpu(tmp_path):
 def test_num_classes_mismatch_and_pretrained_reset(tmp_path, caplog):
     with pytest.raises(ValueError, match="num_classes=5 but synthetic has 10 classes"):
         train(tiny(tmp_path, "a", num_classes=5))
+    import logging
+
+    assert not any(isinstance(h, logging.FileHandler) for h in logging.getLogger("repghost").handlers)
     source = repghost.save_checkpoint(repghost.create_model("repghostnet_050", num_classes=1000), tmp_path / "in1k.safetensors")
     with caplog.at_level("WARNING"):
         train(tiny(tmp_path, "b", epochs=1, pretrained=str(source), max_steps_per_epoch=1))
@@ -199,12 +202,17 @@ def test_corrupt_images_are_skipped_during_training(tmp_path, caplog):
 
 # ---- evaluation -------------------------------------------------------------------------------
 def test_eval_cli_on_every_checkpoint_form(tmp_path, capsys):
-    result = train(tiny(tmp_path, epochs=1))
+    """The eval transform the run used (here: its own mean/std, crop_pct 1) travels with the weights."""
+    result = train(tiny(tmp_path, epochs=1, mean=[0.3, 0.3, 0.3], std=[0.2, 0.2, 0.2], crop_pct=1.0))
+    converted = tmp_path / "converted.safetensors"
+    assert cli_main(["convert", str(result.run_dir / "best.pth"), str(converted)]) == 0
+    capsys.readouterr()
     numbers = {}
-    for name, extra in (("best.pth", []), ("deploy.safetensors", []), ("best.pth", ["--deploy"])):
-        args = ["eval", "--checkpoint", str(result.run_dir / name), "--data", "synthetic", "--img-size", "32", "--workers", "0", "--json"]
+    for name, extra in (("best.pth", []), ("deploy.safetensors", []), ("best.pth", ["--deploy"]), (str(converted), [])):
+        args = ["eval", "--checkpoint", str(result.run_dir / name), "--data", "synthetic", "--workers", "0", "--json"]
         assert cli_main(args + extra) == 0
         out = json.loads(capsys.readouterr().out)
+        assert out["transform"]["mean"] == [0.3, 0.3, 0.3] and out["transform"]["img_size"] == 32
         numbers[(name, tuple(extra))] = (out["top1"], out["top5"], out["count"])
     assert len(set(numbers.values())) == 1, numbers
     final = json.loads((result.run_dir / "final.json").read_text())

@@ -48,6 +48,7 @@ __all__ = [
     "infer_config",
     "atomic_write",
     "model_from_checkpoint",
+    "EVAL_TRANSFORM_KEY",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
 
 
+EVAL_TRANSFORM_KEY = "eval_transform"  # metadata: the eval transform the weights expect (JSON)
+
+
 @dataclass
 class Checkpoint:
     """A state dict read from disk, with what was learnt about it."""
@@ -112,6 +116,12 @@ class Checkpoint:
     @property
     def form(self) -> str:
         return LAYOUT_FORMS[self.layout]
+
+    def eval_transform(self) -> Dict[str, object]:
+        """The eval transform stored with the weights (img_size, crop_pct, interpolation, mean,
+        std); ``{}`` when the file has none (e.g. the authors' files: the published one applies)."""
+        raw = self.metadata.get(EVAL_TRANSFORM_KEY)
+        return dict(json.loads(raw)) if raw else {}
 
 
 @dataclass

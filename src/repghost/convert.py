@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
+from .checkpoint import EVAL_TRANSFORM_KEY, CheckpointError, model_from_checkpoint, save_checkpoint
 from .models import config as C
 from .models.repghostnet import RepGhostConfig
 from .reparam import reparameterize_model
@@ -59,5 +59,8 @@ def convert_checkpoint(
             f"the folded model's logits differ from the source model's ({diff}); nothing was "
             "written. The checkpoint may hold non-finite or corrupt values."
         )
-    path = save_checkpoint(deployed, output, metadata={"converted_from": os.path.basename(str(source))})
+    metadata = {"converted_from": os.path.basename(str(source))}
+    if EVAL_TRANSFORM_KEY in ckpt.metadata:
+        metadata[EVAL_TRANSFORM_KEY] = ckpt.metadata[EVAL_TRANSFORM_KEY]
+    path = save_checkpoint(deployed, output, metadata=metadata)
     return ConvertReport(str(source), ckpt.layout, ckpt.source, found, deployed.cfg, diff, str(path))

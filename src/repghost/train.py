@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import FORMAT_NAME, atomic_write, save_checkpoint
+from .checkpoint import EVAL_TRANSFORM_KEY, FORMAT_NAME, atomic_write, save_checkpoint
 from .data import build_dataset, build_transform, collate_skipping
 from .distributed import DistContext, ShardSampler, SkipSampler, all_reduce_sum, barrier, init_distributed, shutdown
 from .evaluate import evaluate
@@ -191,7 +191,6 @@ def _train_loader(cfg: TrainConfig, ctx: DistContext, train_set, sampler, epoch:
         pin_memory=ctx.device.type == "cuda",
         drop_last=cfg.drop_last,
         generator=generator,
-        persistent_workers=False,
     )
 
 
@@ -243,18 +242,27 @@ def train(
     Launch under ``torchrun --nproc_per_node=N -m repghost train ...`` for several processes.
     """
     ctx = init_distributed(cfg.device)
+    handler: Optional[logging.Handler] = None
     try:
-        return _Run(cfg, ctx, resume, callbacks).fit()
+        run_dir = _prepare_run_dir(cfg, resume, ctx)
+        if ctx.is_main:  # the run's own log file, for as long as the run lasts
+            handler = logging.FileHandler(run_dir / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger("repghost").addHandler(handler)
+        return _Run(cfg, ctx, run_dir, resume, callbacks).fit()
     finally:
+        if handler is not None:
+            logging.getLogger("repghost").removeHandler(handler)
+            handler.close()
         shutdown()
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, resume: bool, callbacks: Optional[TrainCallbacks]):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(
+        self, cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume: bool, callbacks: Optional[TrainCallbacks]
+    ):
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         self.callbacks = callbacks if ctx.is_main else None
-        self.run_dir = _prepare_run_dir(cfg, resume, ctx)
-        self._log_handler = self._attach_log_file()
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         _seed_all(_epoch_seed(cfg, 0, ctx.rank))
@@ -328,14 +336,6 @@ class _Run:
         )
 
     # ---- files -------------------------------------------------------------------------------
-    def _attach_log_file(self) -> Optional[logging.Handler]:
-        if not self.ctx.is_main:
-            return None
-        handler = logging.FileHandler(self.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("repghost").addHandler(handler)
-        return handler
-
     def _tensorboard(self):
         if not (self.cfg.tensorboard and self.ctx.is_main):
             return None
@@ -350,7 +350,14 @@ class _Run:
             "form": "train",
             "model": self.cfg.model,
             "config": json.dumps(mcfg.to_dict(), sort_keys=True),
+            EVAL_TRANSFORM_KEY: self._eval_transform(),
         }
+
+    def _eval_transform(self) -> str:
+        cfg = self.cfg
+        return json.dumps(
+            dict(img_size=cfg.img_size, crop_pct=cfg.crop_pct, interpolation=cfg.eval_interpolation, mean=cfg.mean, std=cfg.std)
+        )
 
     def _state(self, epoch: int, batches_done: int) -> Dict[str, Any]:
         return {
@@ -423,9 +430,6 @@ class _Run:
         finally:
             if self.writer is not None:
                 self.writer.close()
-            if self._log_handler is not None:
-                logging.getLogger("repghost").removeHandler(self._log_handler)
-                self._log_handler.close()
         return TrainResult(
             self.run_dir,
             cfg.epochs - self.start_epoch,
@@ -563,7 +567,11 @@ class _Run:
             "deploy_checkpoint": str(self.run_dir / DEPLOY),
         }
         if self.ctx.is_main:
-            save_checkpoint(deployed, self.run_dir / DEPLOY, metadata={"best_epoch": str(self.best["epoch"])})
+            save_checkpoint(
+                deployed,
+                self.run_dir / DEPLOY,
+                metadata={"best_epoch": str(self.best["epoch"]), EVAL_TRANSFORM_KEY: self._eval_transform()},
+            )
             atomic_write(self.run_dir / FINAL, lambda tmp: Path(tmp).write_text(json.dumps(final, indent=2)))
         return final
 

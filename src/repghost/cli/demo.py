@@ -14,8 +14,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="train a small RepGhostNet on synthetic data (~2 min), fold, check, export, benchmark, report",
     )
     p.add_argument("--out", default="repghost-demo", help="report folder (default: ./repghost-demo)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
-    p.add_argument("--bench-rounds", type=int, default=40, help="latency rounds; 0 skips the benchmark")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
+    p.add_argument("--bench-rounds", type=int, default=60, help="latency rounds; 0 skips the benchmark")
     p.add_argument("--bench-size", type=int, default=224, help="input size for export and latency")
     p.add_argument("--force", action="store_true", help="replace an earlier demo in --out")
     p.set_defaults(run=cmd_demo)

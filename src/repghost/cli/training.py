@@ -47,8 +47,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", choices=list(DATASETS), required=True)
     p.add_argument("--data-root", default=None)
     p.add_argument("--model", default=None, choices=list_models(), help="asserts the width (else inferred)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--crop-pct", type=float, default=None, help="default: the published 0.875")
+    p.add_argument("--img-size", type=int, default=None, help="default: stored with the weights, else 224")
+    p.add_argument("--crop-pct", type=float, default=None, help="default: stored with the weights, else 0.875")
+    p.add_argument("--interpolation", default=None, help="default: stored with the weights, else bicubic")
+    p.add_argument("--mean", type=float, nargs=3, default=None, help="default: stored with the weights, else ImageNet's")
+    p.add_argument("--std", type=float, nargs=3, default=None, help="default: stored with the weights, else ImageNet's")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--no-ema", action="store_true", help="use a training checkpoint's raw weights")
@@ -81,14 +84,12 @@ class _ProgressBar:
     def on_epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         from tqdm import tqdm
 
-        if self.enabled:
+        if self.enabled:  # tqdm shows the ETA from the rate of updates
             self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", dynamic_ncols=True, leave=False)
-        self._last = 0
 
     def on_step(self, step: int, metrics: Dict[str, float]) -> None:
         if self.bar is not None:
-            self.bar.update(step - self._last - (0 if self._last else self.bar.n))
-            self._last = step
+            self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.3g}", img_s=f"{metrics['images_per_s']:.0f}")
 
     def on_epoch_end(self, record: Dict[str, Any]) -> None:
@@ -110,7 +111,7 @@ class _ProgressBar:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from ..train import NonFiniteLossError, RunDirError, resume_config, train
+    from ..train import NonFiniteLossError, resume_config, train
     from ..train_config import load_config
 
     overrides = _overrides(args)
@@ -126,8 +127,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"repghost train: stopped: {exc}", file=sys.stderr)
         return 3
-    except RunDirError:
-        raise
     if main_rank:
         print(f"run directory: {result.run_dir}")
         if result.best_top1 is not None:
@@ -156,9 +155,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, ckpt = model_from_checkpoint(args.checkpoint, model_name=args.model, use_ema=not args.no_ema)
     if args.deploy:
         reparameterize_model(model, inplace=True)
-    transform = build_transform(args.img_size, train=False, crop_pct=args.crop_pct or C.EVAL_CROP_PCT)
+    # The transform the weights were trained for (stored by `repghost train`), else the
+    # published ImageNet one; command-line flags override either.
+    stored = ckpt.eval_transform()
+    tf = dict(
+        img_size=args.img_size or int(stored.get("img_size", 224)),
+        crop_pct=args.crop_pct or float(stored.get("crop_pct", C.EVAL_CROP_PCT)),
+        eval_interpolation=args.interpolation or str(stored.get("interpolation", C.EVAL_INTERPOLATION)),
+        mean=tuple(args.mean or stored.get("mean", C.IMAGENET_MEAN)),
+        std=tuple(args.std or stored.get("std", C.IMAGENET_STD)),
+    )
+    img_size = tf.pop("img_size")
+    flags = any(v is not None for v in (args.img_size, args.crop_pct, args.interpolation, args.mean, args.std))
+    origin = "command line" if flags else ("stored with the weights" if stored else "published")
+    transform = build_transform(img_size, train=False, **tf)
     dataset, spec = build_dataset(
-        args.data, "val", root=args.data_root, transform=transform, download=args.download, synthetic_size=args.img_size
+        args.data, "val", root=args.data_root, transform=transform, download=args.download, synthetic_size=img_size
     )
     if spec.num_classes != model.num_classes:
         raise ValueError(
@@ -168,7 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(model.to(device), loader, device=device)
     result: Dict[str, Optional[object]] = dict(
         checkpoint=args.checkpoint, layout=ckpt.layout, weights=ckpt.source or "state_dict",
-        form="deploy" if args.deploy or ckpt.form != "train" else "train", **metrics,
+        form="deploy" if args.deploy or ckpt.form != "train" else "train",
+        transform=dict(tf, img_size=img_size, source=origin), **metrics,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -177,5 +190,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{args.checkpoint} ({ckpt.layout}, {result['weights']}, {result['form']} form) on {args.data} "
             f"val ({int(metrics['count'])} images): top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  "
             f"loss {metrics['loss']:.4f}"
+        )
+        print(
+            f"eval transform ({origin}): {img_size}px, "
+            f"crop_pct {tf['crop_pct']}, {tf['eval_interpolation']}, mean {list(tf['mean'])}, std {list(tf['std'])}"
         )
     return 0

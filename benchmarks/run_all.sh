@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The benchmark runs behind docs/benchmarks.md. Run on a quiet machine, from the repository root,
+# after `make setup`:   bash benchmarks/run_all.sh [OUT_DIR]
+# Each step writes JSON + markdown (+ PNG) into OUT_DIR (default docs/results).
+set -euo pipefail
+OUT=${1:-docs/results}
+BIN=${VENV:-.venv}/bin
+mkdir -p "$OUT"
+
+# 1. Issue "core": eager deployed latency vs timm (0.5x/1.0x/2.0x) and training-step throughput.
+$BIN/python benchmarks/model_speed.py --out "$OUT"
+
+# 2. The paper's comparisons and the baselines, in every runtime (1 thread, batch 1, 224x224).
+mkdir -p "$OUT/main"
+$BIN/repghost bench --out "$OUT/main" --rounds 100 --reference timm:ghostnet_050 \
+  --runtimes eager torchscript onnxruntime mnn executorch \
+  --models repghostnet_050 repghostnet_058 repghostnet_100 repghostnet_130 \
+           timm:repghostnet_050 timm:repghostnet_100 \
+           timm:ghostnet_050 timm:ghostnet_100 timm:ghostnet_130 \
+           timm:mobilenetv3_small_100 timm:mobilenetv3_large_075 timm:mobilenetv3_large_100 \
+           timm:ghostnetv3_100 timm:mobileone_s0
+
+# 3. Our exports vs timm's exports, same width, ONNX Runtime and MNN (more rounds: small ratios).
+mkdir -p "$OUT/exports"
+$BIN/repghost bench --out "$OUT/exports" --rounds 300 --no-plot --runtimes onnxruntime mnn \
+  --models repghostnet_050 timm:repghostnet_050 repghostnet_100 timm:repghostnet_100 repghostnet_200 timm:repghostnet_200
+
+# 4. Train form vs deploy form, every width.
+mkdir -p "$OUT/forms"
+models=""
+for w in 050 058 080 100 111 130 150 200; do models="$models repghostnet_$w repghostnet_$w:train"; done
+$BIN/repghost bench --out "$OUT/forms" --rounds 60 --no-plot --runtimes eager onnxruntime mnn --models $models
+
+# 5. PyTorch's fastest paths for the deployed 1.0x model, next to ONNX Runtime.
+mkdir -p "$OUT/pytorch"
+$BIN/repghost bench --out "$OUT/pytorch" --rounds 100 --no-plot \
+  --runtimes eager torchscript compile onnxruntime --models repghostnet_100
+
+# 6. Research question 1: concat vs add at the network's real feature shapes.
+mkdir -p "$OUT/rq1"
+$BIN/repghost bench --rq1 --out "$OUT/rq1"

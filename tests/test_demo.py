@@ -1,0 +1,50 @@
+"""The main job, end to end at a tiny size: train, fold, check, export, benchmark, report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from repghost.cli import main as cli_main
+from repghost.demo import run_demo
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(epochs=2, synthetic_samples=256, batch_size=32, img_size=32)
+
+
+def test_demo_writes_the_report_folder(tmp_path):
+    report = run_demo(tmp_path / "demo", overrides=TINY, bench_rounds=3, bench_size=64)
+    names = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert names == ["latency.json", "latency.md", "latency.png", "model.mnn", "model.onnx", "run", "summary.md", "training.png"]
+    assert report.final["deploy_form"]["top1"] == report.final["train_form"]["top1"]
+    assert report.logits_diff.max_rel < 1e-5
+    assert set(report.exports) == {"onnx", "mnn"} and all(e.diff.max_rel < 1e-4 for e in report.exports.values())
+    measured = {(m["model"], m["runtime"]) for m in json.loads((tmp_path / "demo" / "latency.json").read_text())["measurements"]}
+    assert ("timm:ghostnet_050", "mnn") in measured and ("repghostnet_050", "onnxruntime") in measured
+    summary = (tmp_path / "demo" / "summary.md").read_text()
+    assert "deploy form (every BN folded): top-1" in summary
+    for png in ("training.png", "latency.png"):
+        assert (tmp_path / "demo" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_cli_refuses_to_overwrite(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert cli_main(["demo", "--out", str(tmp_path)]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_gpu_check_script_runs_its_code_paths_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py (AMP, channels_last, compile) on CPU, where CI can run it."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--model", "repghostnet_050",
+         "--batch-size", "2", "--img-size", "32", "--steps", "1", "--warmup", "1", "--compile",
+         "--compile-backend", "aot_eager", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    variants = {(r["amp"], r["channels_last"], r["compile"]) for r in result["results"]}
+    assert variants == {(False, False, False), (True, False, False), (True, True, False), (True, True, True)}
+    assert all(r["loss_finite"] for r in result["results"])
