@@ -107,6 +107,13 @@ def test_channels_last_is_the_default_and_optional():
         torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)
     deployed = repghost.reparameterize_model(model, inplace=False)
     assert deployed.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # Folding keeps every weight's strides, in either layout (1x1 and depthwise kernels included,
+    # whose plain strides are ambiguous to is_contiguous(memory_format=...)).
+    for source in (model, plain):
+        folded = repghost.reparameterize_model(source, inplace=False)
+        before = {n: m.conv.weight.stride() for n, m in source.named_modules() if hasattr(m, "bn")}
+        after = {n: m.conv.weight.stride() for n, m in folded.named_modules() if hasattr(m, "bn")}
+        assert before == after
 
 
 # 1.0x: channels of the LAST block at each resolution (architecture.md, section 6)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.fx
 from torch import nn
 from torch.nn import functional as F
 
@@ -91,10 +90,11 @@ class ConvNorm(nn.Module):
             dtype=weight.dtype,
         )
         with torch.no_grad():
-            conv.weight.copy_(weight)
+            # The old weight's exact strides: folding keeps the memory layout the model uses.
+            # (A layout test cannot decide it: a 1x1 or depthwise kernel's plain strides also pass
+            # is_contiguous(memory_format=torch.channels_last).)
+            conv.weight = nn.Parameter(torch.empty_like(old.weight, dtype=weight.dtype).copy_(weight))
             conv.bias.copy_(bias)
-        if old.weight.dim() == 4 and old.weight.is_contiguous(memory_format=torch.channels_last):
-            conv.to(memory_format=torch.channels_last)  # folding keeps the layout the model uses
         self.conv = conv
         self.bn = None
 
@@ -128,24 +128,12 @@ class SqueezeExcite(nn.Module):
 
 
 class Classifier(nn.Linear):
-    """A linear classifier that also takes the pooled ``(N, C, 1, 1)`` map, as a 1x1 convolution.
+    """The linear classifier, applied to the pooled ``(N, C, 1, 1)`` map (or to ``(N, C)``).
 
-    Parameters and keys are ``nn.Linear``'s. The network applies it before flattening, so an
-    exported graph ends in a Conv instead of Flatten + Gemm, which ONNX Runtime and MNN keep in
-    their blocked conv layout (docs/benchmarks.md has the measured effect). A ``(N, C)`` input is
-    handled as by ``nn.Linear``.
+    Parameters and keys are ``nn.Linear``'s. Taking the pooled map lets an exporter write it as a
+    1x1 convolution before the final flatten (:mod:`repghost.export` does), so the graph ends in a
+    Conv instead of Flatten + Gemm, which ONNX Runtime and MNN keep in their blocked conv layout.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_or_pointwise(x, self.weight, self.bias)
-
-
-def linear_or_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear`` on ``(N, C)``, the same weights as a 1x1 conv on ``(N, C, H, W)``."""
-    if x.dim() == 4:
-        return F.conv2d(x, weight[:, :, None, None], bias)
-    return F.linear(x, weight, bias)
-
-
-# torch.fx cannot branch on a traced tensor's rank: record this function as one node instead.
-torch.fx.wrap("linear_or_pointwise")
+        return F.linear(torch.flatten(x, 1), self.weight, self.bias)
