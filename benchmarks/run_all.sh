@@ -8,7 +8,7 @@ BIN=${VENV:-.venv}/bin
 mkdir -p "$OUT"
 
 # 1. Issue "core": eager deployed latency vs timm (0.5x/1.0x/2.0x) and training-step throughput.
-$BIN/python benchmarks/model_speed.py --out "$OUT"
+$BIN/python benchmarks/model_speed.py --out "$OUT" --train-rounds 20
 
 # 2. The paper's comparisons and the baselines, in every runtime (1 thread, batch 1, 224x224).
 mkdir -p "$OUT/main"

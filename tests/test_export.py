@@ -181,3 +181,20 @@ def test_cli_export(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "authors-train layout" in printed and "verified  onnxruntime" in printed and "max rel" in printed
     assert load_runner(out, "onnx")(np.zeros((2, *SIZE), np.float32))[0].shape == (2, 1000)
+
+
+def test_weak_verification_is_reported_and_real_inputs_can_be_given(tmp_path, caplog):
+    """A model whose output ignores its input would pass any check: the export says so."""
+    dead = repghost.create_model("repghostnet_050", num_classes=10).eval()
+    with torch.no_grad():  # every final feature ReLU'd to zero: logits are the classifier bias
+        dead.final_conv.bn.bias.fill_(-1e3)
+    with caplog.at_level("WARNING", logger="repghost.export"):
+        export_model(dead, tmp_path / "dead.onnx", "onnx", input_size=SIZE)
+    assert "export check is weak" in caplog.text
+    caplog.clear()
+    live = repghost.create_model("repghostnet_050", num_classes=10).eval()
+    images = torch.rand(3, 3, 48, 40)
+    with caplog.at_level("WARNING", logger="repghost.export"):
+        report = export_model(live, tmp_path / "live.onnx", "onnx", inputs=images, dynamic_batch=True)
+    assert "weak" not in caplog.text
+    assert report.input_shape == (2, 3, 48, 40) and report.diff.max_rel < 1e-4

@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -347,6 +347,27 @@ def _write_executorch(model: nn.Module, tmp: str, x: torch.Tensor, **_: object) 
         f.write(lowered.to_executorch().buffer)
 
 
+def _warn_if_insensitive(model: nn.Module, check: torch.Tensor) -> None:
+    """Warn when the model's outputs on ``check`` equal its outputs on an all-zero input.
+
+    Then the verification compares little more than biases (e.g. a model trained at 32x32 given
+    224x224 noise, whose activations all die), and should be run on real inputs instead.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            got = _as_numpy_list(model(check))
+            zero = _as_numpy_list(model(torch.zeros_like(check)))
+    finally:
+        model.train(was_training)
+    if max(output_diff(z, g).max_rel for z, g in zip(zero, got)) < 1e-6:
+        log.warning(
+            "the model's outputs do not depend on the verification inputs %s, so the export check is "
+            "weak; verify with real inputs (export_model(..., inputs=batch))", tuple(check.shape)
+        )
+
+
 def _inference_copy(model: nn.Module, reparameterize: bool) -> nn.Module:
     """A copy to export: folded (unless asked not to), each :class:`Classifier` a 1x1 conv.
 
@@ -439,8 +460,13 @@ def export_model(
     tolerance: float = EXPORT_TOLERANCE,
     reparameterize: bool = True,
     seed: int = 0,
+    inputs: Optional[torch.Tensor] = None,
 ) -> ExportReport:
     """Fold ``model`` for inference, export it to ``out_path`` as ``fmt``, and verify the file.
+
+    ``inputs``: a batch to verify with instead of random noise (e.g. real validation images,
+    for a trained model whose activations die on noise); its shape sets ``input_size``. When the
+    model's outputs do not depend on the verification inputs, a warning says the check is weak.
 
     The model is re-parameterized on a copy (``reparameterize_model(model, inplace=False)``; a
     no-op for models without RepGhost/re-param parts; ``reparameterize=False`` exports it as it is,
@@ -467,8 +493,18 @@ def export_model(
     was_training = model.training
     prepared = _inference_copy(model, reparameterize)
     generator = torch.Generator().manual_seed(seed)
-    example = torch.randn(1, *input_size, generator=generator)
-    check = torch.randn(2 if dynamic_batch else 1, *input_size, generator=generator)
+    if inputs is not None:
+        if inputs.dim() != 4 or inputs.shape[0] < 1:
+            raise ValueError(f"inputs must be an (N, C, H, W) batch, got shape {tuple(inputs.shape)}")
+        input_size = tuple(inputs.shape[1:])
+        example = inputs[:1].detach().float().contiguous()
+        check = inputs[: 2 if dynamic_batch else 1].detach().float().contiguous()
+        if dynamic_batch and check.shape[0] < 2:
+            check = check.repeat(2, 1, 1, 1)
+    else:
+        example = torch.randn(1, *input_size, generator=generator)
+        check = torch.randn(2 if dynamic_batch else 1, *input_size, generator=generator)
+    _warn_if_insensitive(model, check)
     holder = {}
 
     def write(tmp: str) -> None:
