@@ -120,3 +120,10 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     images, targets, skipped = collate_skipping(batch)
     assert skipped == 1 and images.shape == (6, 3, 32, 32) and targets.shape == (6,)
     assert "broken.png" in caplog.text
+
+
+def test_cifar_without_files_says_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pass --download"):
+        build_dataset("cifar10", "train", root=tmp_path)
+    with pytest.raises(ValueError, match="needs --data-root"):
+        build_dataset("cifar100", "val")
