@@ -133,11 +133,15 @@ def test_sigkill_mid_epoch_then_resume_finishes(tmp_path):
         proc.wait()
     state = torch.load(run / "last.pth", weights_only=True)
     assert state["batches_done"] > 0  # killed in the middle of an epoch
+    # The kill may land inside a checkpoint write; make sure that case is always exercised.
+    (run / ".last.pth.interrupted.tmp").write_bytes(b"half a checkpoint")
+    (run / "notes.tmp").write_text("a user's file")
     assert cli_main(["train", "--resume", str(run), "--no-progress"]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records][-1] == 1
     assert (run / "final.json").exists() and (run / "deploy.safetensors").exists()
     assert not list(run.glob(".*.tmp"))
+    assert (run / "notes.tmp").read_text() == "a user's file"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -131,8 +131,19 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, ctx: DistContext) -> Path:
         )
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _remove_partial_writes(run_dir)
     barrier()
     return run_dir
+
+
+def _remove_partial_writes(run_dir: Path) -> None:
+    # A run killed while writing a checkpoint leaves the temporary file of that write behind; the
+    # file it was to replace is intact (the replace is atomic), so the fragment carries nothing.
+    for name in (LAST, BEST, DEPLOY, FINAL):
+        for fragment in run_dir.glob(f".{name}.*.tmp"):
+            log.info("removing %s, a checkpoint write that was interrupted", fragment)
+            fragment.unlink(missing_ok=True)
 
 
 def _build_loaders(cfg: TrainConfig, ctx: DistContext):

@@ -38,7 +38,11 @@ def output_diff(reference: ArrayLike, candidate: ArrayLike) -> OutputDiff:
         raise ValueError(f"output shapes differ: reference {ref.shape}, candidate {cand.shape}")
     max_abs = float(np.max(np.abs(ref - cand))) if ref.size else 0.0
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    return OutputDiff(max_abs=max_abs, max_rel=max_abs / max(scale, np.finfo(np.float64).tiny))
+    if scale > 0:
+        max_rel = max_abs / scale
+    else:  # an all-zero reference: any difference at all is infinitely large relative to it
+        max_rel = 0.0 if max_abs == 0 else float("inf")
+    return OutputDiff(max_abs=max_abs, max_rel=max_rel)
 
 
 @torch.no_grad()
