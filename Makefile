@@ -26,4 +26,4 @@ info: setup
 	$(VENV)/bin/repghost info
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo-report
+	rm -rf $(VENV) .pytest_cache repghost-demo

@@ -144,6 +144,19 @@ def test_sigkill_mid_epoch_then_resume_finishes(tmp_path):
     assert (run / "notes.tmp").read_text() == "a user's file"
 
 
+def test_resume_drops_records_of_epochs_the_checkpoint_had_not_finished(tmp_path):
+    train(tiny(tmp_path, epochs=1))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    first = metrics.read_text()
+    # As if killed after epoch 1's record was appended (before its checkpoint), then mid-append.
+    metrics.write_text(first + json.dumps({"epoch": 1, "train_loss": 9.9}) + "\n" + '{"epoch": 2, "tra')
+    train(resume_config(str(tmp_path / "run"), {"epochs": 2}), resume=True)
+    lines = metrics.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert lines[0] == first.strip() and records[1]["train_loss"] != 9.9
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train(tiny(tmp_path, epochs=1))
     before = (tmp_path / "run" / "last.pth").read_bytes()

@@ -137,10 +137,33 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, ctx: DistContext) -> Path:
     return run_dir
 
 
+def _trim_metrics(path: Path, next_epoch: int) -> None:
+    """Keep the records of the epochs the resumed checkpoint has done, nothing after them.
+
+    A kill can land after an epoch's record was appended but before its checkpoint was written,
+    or in the middle of the append; that epoch runs again and writes its record anew.
+    """
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < next_epoch:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        log.info("%s: dropped %d record(s) of epochs the resumed checkpoint had not finished", path, dropped)
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
+
+
 def _remove_partial_writes(run_dir: Path) -> None:
     # A run killed while writing a checkpoint leaves the temporary file of that write behind; the
     # file it was to replace is intact (the replace is atomic), so the fragment carries nothing.
-    for name in (LAST, BEST, DEPLOY, FINAL):
+    for name in (LAST, BEST, DEPLOY, FINAL, METRICS):
         for fragment in run_dir.glob(f".{name}.*.tmp"):
             log.info("removing %s, a checkpoint write that was interrupted", fragment)
             fragment.unlink(missing_ok=True)
@@ -410,6 +433,8 @@ class _Run:
         self.best = dict(state["best"])
         self._resume_rng = state["rng"] if self.skip_batches else None
         log.info("resumed %s at epoch %d, batch %d", path, self.start_epoch, self.skip_batches)
+        if self.ctx.is_main:
+            _trim_metrics(self.run_dir / METRICS, self.start_epoch)
 
     def _append_metrics(self, record: Dict[str, Any]) -> None:
         if not self.ctx.is_main:
@@ -430,11 +455,13 @@ class _Run:
                 record = self._train_epoch(epoch)
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     record.update(self._evaluate_epoch(epoch))
+                # Record first and checkpoint last: a run killed in between redoes this epoch on
+                # resume, which drops the record again (_trim_metrics) and rewrites best if it wins.
+                self._append_metrics(record)
                 state = self._state(epoch + 1, 0)
-                self._save(LAST, state)
                 if record.get("best"):
                     self._save(BEST, state)
-                self._append_metrics(record)
+                self._save(LAST, state)
                 if self.callbacks:
                     self.callbacks.on_epoch_end(record)
             final = self._finish()
