@@ -144,15 +144,20 @@ def _cli(argv):
 
 def test_cli_bench(tmp_path, capsys):
     argv = ["bench", "--models", *MODELS, "--runtimes", "eager", "onnxruntime", "--rounds", "2", "--warmup", "0"]
-    assert _cli(argv + ["--img-size", "64", "--out", str(tmp_path), "--no-plot"]) == 0
+    results = tmp_path / "results" / "today"  # created for the results
+    assert _cli(argv + ["--img-size", "64", "--out", str(results), "--no-plot"]) == 0
     out = capsys.readouterr().out
     assert "| timm:ghostnet_050 |" in out and "benchmark.json" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmark.json", "benchmark.md"]
+    assert sorted(p.name for p in results.iterdir()) == ["benchmark.json", "benchmark.md"]
+    (tmp_path / "a_file").write_text("keep")
+    with pytest.raises(NotADirectoryError, match="must be a folder"):
+        _cli(argv + ["--out", str(tmp_path / "a_file")])
+    assert (tmp_path / "a_file").read_text() == "keep"
 
 
 def test_cli_rq1(tmp_path, capsys):
     argv = ["bench", "--rq1", "--rq1-model", "repghostnet_050", "--runtimes", "eager", "--img-size", "32"]
-    assert _cli(argv + ["--rounds", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    assert _cli(argv + ["--rounds", "1", "--warmup", "0", "--out", str(tmp_path / "rq1")]) == 0
     out = capsys.readouterr().out
     assert "add/concat" in out and "One network's worth" in out
-    assert json.loads((tmp_path / "rq1.json").read_text())["rows"]
+    assert json.loads((tmp_path / "rq1" / "rq1.json").read_text())["rows"]

@@ -90,7 +90,10 @@ def _tqdm_progress() -> Callable[[str, int, int], None]:
     def update(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=labels.get(stage, stage), file=sys.stderr, leave=False)
+            # disable=None: a bar on a terminal, nothing in a log file or pipe
+            bar = bars[stage] = tqdm(
+                total=total, desc=labels.get(stage, stage), file=sys.stderr, leave=False, disable=None
+            )
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -99,8 +102,8 @@ def _tqdm_progress() -> Callable[[str, int, int], None]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.out is not None and not os.path.isdir(args.out):
-        raise FileNotFoundError(f"output folder does not exist: {args.out}")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise NotADirectoryError(f"--out must be a folder, and {args.out} is a file")
     if args.rq1:
         return _bench_rq1(args)
     from ..benchmark import markdown_table, run_benchmark, write_results
@@ -118,6 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     print(markdown_table(result))
     if args.out is not None:
+        os.makedirs(args.out, exist_ok=True)  # created once there are results to put in it
         for kind, path in write_results(result, args.out, plot=not args.no_plot).items():
             print(f"wrote     {path} ({kind})")
     return 0
@@ -172,6 +176,7 @@ def _bench_rq1(args: argparse.Namespace) -> int:
         parts = ", ".join(f"{op} {v:.0f}" for op, v in totals.items())
         print(f"  {runtime:>12}: {parts}")
     if args.out is not None:
+        os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "rq1.json")
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2)))
         print(f"\nwrote     {path}")
