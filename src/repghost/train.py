@@ -161,11 +161,11 @@ def _trim_metrics(path: Path, next_epoch: int) -> None:
 
 
 def _remove_partial_writes(run_dir: Path) -> None:
-    # A run killed while writing a checkpoint leaves the temporary file of that write behind; the
+    # A run killed while writing a file leaves the temporary file of that write behind; the
     # file it was to replace is intact (the replace is atomic), so the fragment carries nothing.
     for name in (LAST, BEST, DEPLOY, FINAL, METRICS):
         for fragment in run_dir.glob(f".{name}.*.tmp"):
-            log.info("removing %s, a checkpoint write that was interrupted", fragment)
+            log.info("removing %s, left by a write that was interrupted", fragment)
             fragment.unlink(missing_ok=True)
 
 
