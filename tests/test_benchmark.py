@@ -17,6 +17,7 @@ from repghost.benchmark import (
     markdown_table,
     parse_model,
     run_benchmark,
+    time_in_phases,
     time_interleaved,
     write_results,
 )
@@ -99,6 +100,16 @@ def test_threads_are_restored():
 def test_executorch_runtime():
     result = run_benchmark(["repghostnet_050"], ["executorch"], input_size=SIZE, rounds=2, warmup=1)
     assert result.get("repghostnet_050", "executorch").max_rel_error <= 1e-4
+
+
+def test_time_in_phases_never_mixes_phases():
+    calls = []
+    runners = {(m, rt): (lambda key=(m, rt): calls.append(key)) for m in "abc" for rt in ("x", "y")}
+    samples = time_in_phases(runners, lambda key: key[1], rounds=4, warmup=1)
+    assert {k: len(v) for k, v in samples.items()} == {k: 4 for k in runners}
+    phases = [rt for _, rt in calls]
+    assert phases == ["x"] * 15 + ["y"] * 15  # (1 warm-up + 4 rounds) x 3 models, phase by phase
+    assert calls[3:6] != calls[6:9] or calls[6:9] != calls[9:12]  # shuffled within a phase
 
 
 def test_bad_arguments():

@@ -64,6 +64,7 @@ __all__ = [
     "check_runtimes",
     "prepare_runner",
     "time_interleaved",
+    "time_in_phases",
     "run_benchmark",
     "environment",
     "markdown_table",
@@ -287,6 +288,27 @@ def time_interleaved(
     return samples
 
 
+def time_in_phases(
+    runners: Dict[Hashable, Callable[[], object]],
+    phase_of: Callable[[Hashable], Hashable],
+    *,
+    rounds: int,
+    warmup: int,
+    seed: int = 0,
+    progress: Optional[Progress] = None,
+) -> Dict[Hashable, List[float]]:
+    """:func:`time_interleaved`, one phase after another for each group of runners with the same
+    ``phase_of(key)`` (e.g. the runtime): comparisons are made within a group, and rotating through
+    every runner of every group each round would make every call a cold-cache call (measured:
+    eager batch-1 latency doubled with 70 (model, runtime) pairs in one rotation)."""
+    samples: Dict[Hashable, List[float]] = {}
+    for phase in dict.fromkeys(phase_of(key) for key in runners):
+        members = {key: fn for key, fn in runners.items() if phase_of(key) == phase}
+        report = (lambda stage, done, total, p=phase: progress(f"{stage} {p}", done, total)) if progress else None
+        samples.update(time_interleaved(members, rounds=rounds, warmup=warmup, seed=seed, progress=report))
+    return samples
+
+
 @dataclass
 class Measurement:
     """Latency of one model in one runtime (milliseconds)."""
@@ -417,14 +439,9 @@ def run_benchmark(
                 if progress is not None:
                     progress("prepare", done, total)
         torch.set_num_threads(threads)
-        # One interleaved phase per runtime: the method compares models within a runtime, and
-        # rotating through every (model, runtime) pair each round would make every call a
-        # cold-cache call (measured: eager batch-1 latency doubled with 70 pairs in rotation).
-        samples: Dict[str, List[float]] = {}
-        for runtime in runtimes:
-            phase = {f"{m}\0{r}": fn for (m, r), fn in runners.items() if r == runtime}
-            report = (lambda stage, done, total, rt=runtime: progress(f"{stage} {rt}", done, total)) if progress else None
-            samples.update(time_interleaved(phase, rounds=rounds, warmup=warmup, seed=seed, progress=report))
+        samples = time_in_phases(
+            runners, lambda key: key[1], rounds=rounds, warmup=warmup, seed=seed, progress=progress  # type: ignore[index]
+        )
         if hasattr(os, "getloadavg"):
             env["loadavg_end"] = list(os.getloadavg())
     finally:
@@ -435,7 +452,7 @@ def run_benchmark(
     measurements = []
     for spec in specs:
         for runtime in runtimes:
-            ms = [s * 1e3 for s in samples[f"{spec.key}\0{runtime}"]]
+            ms = [s * 1e3 for s in samples[(spec.key, runtime)]]
             published = published_accuracy(spec.arch)
             measurements.append(
                 Measurement(

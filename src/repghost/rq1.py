@@ -11,7 +11,8 @@ depthwise conv reads), time the module *outputs* the paper compares, each produc
 * ``overhead``       ``x`` returned as it is: the runtime's fixed per-call cost at that size
 
 in eager PyTorch, ONNX Runtime and MNN (and ExecuTorch when installed), with the benchmark's
-method: batch 1, one thread, every export verified, all pairs interleaved and shuffled each round.
+method: batch 1, one thread, every export verified, then runtime by runtime all (shape, op) pairs
+interleaved and shuffled each round.
 Each sample averages ``inner`` back-to-back calls, since single calls last microseconds.
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .benchmark import Progress, check_runtimes, environment, prepare_runner, time_interleaved
+from .benchmark import Progress, check_runtimes, environment, prepare_runner, time_in_phases
 from .layers import ConvNorm
 from .models import create_model
 from .models.repghostnet import RepGhostModule
@@ -226,7 +227,10 @@ def run_rq1(
                     if progress is not None:
                         progress("prepare", done, total)
         torch.set_num_threads(threads)
-        samples = time_interleaved(runners, rounds=rounds, warmup=warmup, seed=seed, progress=progress)
+        # One phase per runtime (key: shape, runtime, op), as in the latency benchmark.
+        samples = time_in_phases(
+            runners, lambda key: key[1], rounds=rounds, warmup=warmup, seed=seed, progress=progress  # type: ignore[index]
+        )
     finally:
         torch.set_num_threads(saved_threads)
         shutil.rmtree(work, ignore_errors=True)
