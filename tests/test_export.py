@@ -53,6 +53,15 @@ def test_export_writes_a_verified_file(fmt, model, tmp_path):
     assert output_diff(_eager(model, x), got[0]).max_rel <= 1e-4
 
 
+def test_export_leaves_a_training_model_as_it_was(tmp_path):
+    net = randomize_bn(repghost.create_model("repghostnet_050", num_classes=10)).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    export_model(net, tmp_path / "m.onnx", "onnx", input_size=SIZE)
+    assert net.training and all(m.training for m in net.modules())
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_executorch_export(model, tmp_path):
     out = tmp_path / "model.pte"
     report = export_model(model, out, "executorch", input_size=SIZE)

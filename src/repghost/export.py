@@ -490,7 +490,6 @@ def export_model(
         raise ValueError("the executorch format is exported with a static batch size; drop dynamic_batch")
     require_format(fmt)
     started = time.perf_counter()
-    was_training = model.training
     prepared = _inference_copy(model, reparameterize)
     generator = torch.Generator().manual_seed(seed)
     if inputs is not None:
@@ -515,10 +514,7 @@ def export_model(
         holder["diff"] = verify_export(tmp, fmt, model, check, tolerance=tolerance)
 
     prepared.eval()
-    try:
-        path = atomic_write(out_path, write)
-    finally:
-        model.train(was_training)
+    path = atomic_write(out_path, write)
     report = ExportReport(
         format=fmt,
         path=str(path),

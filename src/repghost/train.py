@@ -131,8 +131,6 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, ctx: DistContext) -> Path:
         )
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _remove_partial_writes(run_dir)
     barrier()
     return run_dir
 
@@ -433,7 +431,8 @@ class _Run:
         self.best = dict(state["best"])
         self._resume_rng = state["rng"] if self.skip_batches else None
         log.info("resumed %s at epoch %d, batch %d", path, self.start_epoch, self.skip_batches)
-        if self.ctx.is_main:
+        if self.ctx.is_main:  # what a kill may have left: fragments of writes, records of redone epochs
+            _remove_partial_writes(self.run_dir)
             _trim_metrics(self.run_dir / METRICS, self.start_epoch)
 
     def _append_metrics(self, record: Dict[str, Any]) -> None:
