@@ -66,6 +66,10 @@ def run_variant(args, device: torch.device, *, amp: bool, channels_last: bool, c
     )
 
 
+def _loss(value) -> str:
+    return "non-finite" if value is None else f"{value:.3f}"  # train_step returns None then
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -108,7 +112,7 @@ def main() -> int:
     for r in results:
         lines.append(
             f"| {r['amp']} | {r['channels_last']} | {r['compile']} | {r['images_per_s']:.0f} | "
-            f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {r['loss_finite']} |"
+            f"{_loss(r['loss_first'])} -> {_loss(r['loss_last'])} | {r['loss_finite']} |"
         )
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
