@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import repghost
-from repghost.train import train_step
+from repghost.training.loop import train_step
 
 
 def run_variant(args, device: torch.device, *, amp: bool, channels_last: bool, compile_model: bool) -> dict:

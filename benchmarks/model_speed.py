@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from repghost import create_model
-from repghost.benchmark import build_model, environment, parse_model, time_interleaved
-from repghost.train import train_step
+from repghost.bench.latency import build_model, environment, parse_model, time_interleaved
+from repghost.training.loop import train_step
 
 
 def latency(widths, rounds: int) -> dict:

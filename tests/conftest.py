@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -28,7 +27,3 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.bias.copy_(torch.randn(n, generator=g) * 0.3)
     return model
 
-
-@pytest.fixture
-def rand_bn():
-    return randomize_bn

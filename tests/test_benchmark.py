@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import repghost
-from repghost.benchmark import (
+from repghost.bench.latency import (
     RUNTIMES,
     build_model,
     markdown_table,
@@ -22,9 +22,9 @@ from repghost.benchmark import (
     write_results,
 )
 from repghost.cli import deploy
-from repghost.export import MissingRuntimeError
-from repghost.published import published_accuracy
-from repghost.rq1 import OPS, ModuleShape, module_shapes, run_rq1
+from repghost.deploy.export import MissingRuntimeError
+from repghost.bench.published import published_accuracy
+from repghost.bench.rq1 import OPS, ModuleShape, module_shapes, run_rq1
 
 SIZE = (3, 64, 64)
 MODELS = ["repghostnet_050", "timm:ghostnet_050"]
@@ -48,8 +48,8 @@ def test_parse_model_keys():
 
 
 def test_build_model_forms():
-    assert repghost.is_reparameterized(build_model(parse_model("repghostnet_050")))
-    assert not repghost.is_reparameterized(build_model(parse_model("repghostnet_050:train")))
+    assert repghost.model_form(build_model(parse_model("repghostnet_050"))) == "deploy"
+    assert repghost.model_form(build_model(parse_model("repghostnet_050:train"))) == "train"
     timm_folded = build_model(parse_model("timm:repghostnet_050"))
     assert not any(".fusion_bn" in name for name, _ in timm_folded.named_modules())  # timm's own folding ran
 

@@ -81,7 +81,7 @@ def test_authors_training_checkpoint_loads_ema_by_default(authors_train_file, ti
 
 def test_authors_training_checkpoint_into_a_deploy_model(authors_train_file, timm_logits):
     model = repghost.create_model("repghostnet_050", pretrained=authors_train_file, deploy=True).eval()
-    assert repghost.is_reparameterized(model)
+    assert repghost.model_form(model) == "deploy"
     with torch.no_grad():
         torch.testing.assert_close(model(X), timm_logits, rtol=1e-4, atol=1e-4)
 
@@ -229,7 +229,7 @@ def test_convert_cli_turns_an_authors_checkpoint_into_a_bn_free_model(tmp_path, 
 
 
 def test_convert_infers_the_model_and_handles_deploy_inputs(tmp_path, authors_deploy_file, timm_logits):
-    from repghost.convert import convert_checkpoint
+    from repghost.deploy.convert import convert_checkpoint
 
     report = convert_checkpoint(authors_deploy_file, tmp_path / "d.safetensors")
     assert report.model_name == "repghostnet_050" and report.layout == "authors-deploy"

@@ -26,8 +26,8 @@ def test_two_ranks_end_with_identical_weights(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch
-        from repghost.train import train
-        from repghost.train_config import load_config
+        from repghost.training.loop import train
+        from repghost.training.config import load_config
         cfg = load_config(None, dict(model="repghostnet_050", data="synthetic", img_size=32, batch_size=16,
                                      workers=0, synthetic_samples=128, epochs=2, warmup_epochs=0, lr=0.05,
                                      output={str(tmp_path / "run")!r}))

@@ -12,7 +12,7 @@ import torch
 
 import repghost
 from repghost.cli import deploy
-from repghost.export import (
+from repghost.deploy.export import (
     FORMATS,
     SUFFIXES,
     ExportVerificationError,
@@ -21,7 +21,7 @@ from repghost.export import (
     load_runner,
     verify_export,
 )
-from repghost.verify import output_diff
+from repghost.deploy.verify import output_diff
 
 from conftest import randomize_bn
 
@@ -46,7 +46,7 @@ def test_export_writes_a_verified_file(fmt, model, tmp_path):
     assert report.format == fmt and report.path == str(out)
     assert report.max_rel <= 1e-4 and report.size_bytes == out.stat().st_size > 0
     assert list(tmp_path.iterdir()) == [out]  # no temp files left behind
-    assert not repghost.is_reparameterized(model)  # folded a copy, not the caller's model
+    assert repghost.model_form(model) == "train"  # folded a copy, not the caller's model
     # An independent run of the file (new session) agrees with the train-form model.
     x = torch.randn(1, *SIZE)
     got = load_runner(out, fmt)(x.numpy())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import repghost
-from repghost.complexity import count_macs, count_params
+from repghost.models.complexity import count_macs, count_params
 from repghost.models.repghostnet import RepGhostNet
 
 # architecture.md, section 4 (train form): params exactly, conv+linear MACs (M) at 224x224.

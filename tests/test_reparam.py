@@ -10,9 +10,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import repghost
-from repghost.layers import ConvNorm
-from repghost.models.repghostnet import model_form
-from repghost.reparam import batchnorm_scale_shift, fold_batchnorm, identity_kernel, pad_kernel
+from repghost.models.layers import ConvNorm
+from repghost.reparam import model_form
+from repghost.reparam import batchnorm_scale_shift, fold_batchnorm, identity_kernel
 
 from conftest import randomize_bn
 
@@ -66,15 +66,9 @@ def test_identity_kernel_is_the_identity(channels, kernel, groups):
     torch.testing.assert_close(y, x, rtol=0, atol=0)
 
 
-def test_identity_kernel_rejects_even_sizes_and_pad_kernel_centres():
+def test_identity_kernel_rejects_even_sizes():
     with pytest.raises(ValueError, match="odd"):
         identity_kernel(4, (2, 2), 4, dtype=torch.float32, device=torch.device("cpu"))
-    k = torch.randn(3, 1, 1, 1)
-    padded = pad_kernel(k, (3, 3))
-    assert padded.shape == (3, 1, 3, 3) and torch.equal(padded[:, :, 1, 1], k[:, :, 0, 0])
-    assert padded.abs().sum() == k.abs().sum()
-    with pytest.raises(ValueError):
-        pad_kernel(torch.randn(1, 1, 3, 3), (4, 4))
 
 
 def test_convnorm_of_any_kernel_size_folds():
@@ -94,7 +88,7 @@ def _check_equivalence(model, dtype, size, rtol, atol):
     with torch.no_grad():
         ref = model(x)
         deployed = repghost.reparameterize_model(model, inplace=False)
-        assert repghost.is_reparameterized(deployed)
+        assert repghost.model_form(deployed) == "deploy"
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deployed.modules())
         assert all(p.dtype == dtype for p in deployed.parameters())
         out = deployed(x)

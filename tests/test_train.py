@@ -16,8 +16,8 @@ import yaml
 
 import repghost
 from repghost.cli import main as cli_main
-from repghost.train import NonFiniteLossError, RunDirError, resume_config, train
-from repghost.train_config import TrainConfig, load_config, resolve_lr
+from repghost.training.loop import NonFiniteLossError, RunDirError, resume_config, train
+from repghost.training.config import TrainConfig, load_config, resolve_lr
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -74,7 +74,7 @@ def test_short_synthetic_run_learns_well_above_chance(tmp_path):
     final = json.loads((result.run_dir / "final.json").read_text())
     assert final["deploy_form"]["top1"] == final["train_form"]["top1"]
     deployed = repghost.create_model("repghostnet_050", num_classes=10, deploy=True, pretrained=result.run_dir / "deploy.safetensors")
-    assert repghost.is_reparameterized(deployed)
+    assert repghost.model_form(deployed) == "deploy"
 
 
 class _StopAfterFirstEpoch(Exception):
@@ -204,7 +204,7 @@ def test_empty_imagefolder_is_a_clear_error(tmp_path):
 
 
 def test_corrupt_images_are_skipped_during_training(tmp_path, caplog):
-    from repghost.data import SyntheticShapes, write_image_folder
+    from repghost.training.data import SyntheticShapes, write_image_folder
 
     for split, n in (("train", 64), ("val", 20)):
         ds = SyntheticShapes("train" if split == "train" else "val", num_samples=n, img_size=32)

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
@@ -28,14 +27,9 @@ import torch
 from torch import nn
 
 from .models import config as C
-from .models.repghostnet import (
-    RepGhostConfig,
-    RepGhostFeatures,
-    RepGhostNet,
-    fold_reparam_branches,
-    model_form,
-)
-from .reparam import reparameterize_model
+from .files import atomic_write
+from .models.repghostnet import RepGhostConfig, RepGhostFeatures, RepGhostNet
+from .reparam import model_form, reparameterize_model
 
 __all__ = [
     "CheckpointError",
@@ -46,7 +40,6 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "infer_config",
-    "atomic_write",
     "model_from_checkpoint",
     "EVAL_TRANSFORM_KEY",
 ]
@@ -303,7 +296,7 @@ def infer_config(ckpt: Checkpoint) -> RepGhostConfig:
         )
         candidate = _meta_model(cfg)
         if ckpt.form == "branch-folded":
-            fold_reparam_branches(candidate)
+            reparameterize_model(candidate, inplace=True, form="branch-folded")
         if _shapes(candidate) == shapes:
             return dataclasses.replace(cfg, deploy=ckpt.form != "train")
     raise CheckpointError(
@@ -437,7 +430,7 @@ def load_checkpoint(
     if ckpt.form == "branch-folded" and form == "deploy":
         # The authors' deploy files fold only the re-param branch: load them into a twin of that
         # structure, then fold the rest the usual way.
-        twin = fold_reparam_branches(_twin(model))
+        twin = reparameterize_model(_twin(model), inplace=True, form="branch-folded")
         backbone_only = isinstance(model, RepGhostFeatures)  # its head is dropped anyway
         twin_state, _ = _check_fits(twin, state_dict, ckpt, strict_classifier=not backbone_only)
         twin.load_state_dict(twin_state, strict=True)
@@ -456,32 +449,6 @@ def load_checkpoint(
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
-def _atomic_target(path: Path) -> Tuple[int, str]:
-    if path.exists() and path.is_dir():
-        raise IsADirectoryError(f"output path is a directory: {path}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output folder is not writable: {parent}")
-    return tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-
-
-def atomic_write(path: PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` and move the result to ``path``; nothing is left on failure."""
-    target = Path(path)
-    fd, tmp = _atomic_target(target)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
-
-
 def save_checkpoint(model: nn.Module, path: PathLike, *, metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Write the model's weights as safetensors, atomically, with metadata (name, form, config)."""
     from safetensors.torch import save_file
@@ -519,7 +486,7 @@ def model_from_checkpoint(
         raise CheckpointError(f"{ckpt.path} holds {found} weights, not {model_name}; use {found}")
     model = RepGhostNet(dataclasses.replace(cfg, deploy=ckpt.form == "deploy"))
     if ckpt.form == "branch-folded":
-        fold_reparam_branches(model)
+        reparameterize_model(model, inplace=True, form="branch-folded")
     load_checkpoint(model, ckpt)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -17,13 +17,13 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .benchmark import run_benchmark, write_results
+from .bench.latency import run_benchmark, write_results
 from .checkpoint import model_from_checkpoint
-from .export import MissingRuntimeError, export_model, require_format
-from .reparam import is_reparameterized, reparameterize_model
-from .train import TrainCallbacks, train
-from .train_config import load_config
-from .verify import OutputDiff, output_diff
+from .deploy.export import MissingRuntimeError, export_model, require_format
+from .reparam import model_form, reparameterize_model
+from .training.loop import TrainCallbacks, train
+from .training.config import load_config
+from .deploy.verify import OutputDiff, output_diff
 
 __all__ = ["DEMO_TRAINING", "DemoReport", "run_demo", "plot_training_curve"]
 
@@ -68,7 +68,7 @@ class DemoReport:
 
 
 def _validation_images(img_size: int, count: int = 64) -> torch.Tensor:
-    from .data import SyntheticShapes, build_transform
+    from .training.data import SyntheticShapes, build_transform
 
     val = SyntheticShapes("val", img_size=img_size, num_samples=count, transform=build_transform(img_size, train=False))
     return torch.stack([val[i][0] for i in range(len(val))])
@@ -78,7 +78,7 @@ def _check_equivalence(run_dir: Path, images: torch.Tensor) -> OutputDiff:
     """Logits of the best train-form model vs its folded twin on a batch of validation images."""
     model, _ = model_from_checkpoint(run_dir / "best.pth")
     deployed = reparameterize_model(model, inplace=False)
-    if not is_reparameterized(deployed):
+    if model_form(deployed) != "deploy":
         raise RuntimeError("the folded model still holds BatchNorm or re-param branches")
     with torch.no_grad():
         return output_diff(model(images), deployed(images))

@@ -1,10 +1,17 @@
-"""Structural re-parameterization: the math, and the model-level switch.
+"""Structural re-parameterization: the math, and the one model-level verb.
 
-Everything that turns training-time branches into inference-time convolutions goes through the
-pure tensor functions at the top of this file. They take and return tensors, never modules, so
-they are differentiable, dtype/device agnostic and easy to test in isolation. Modules that can be
-folded implement ``reparameterize()`` (see :class:`Reparameterizable`) and call these functions;
-:func:`reparameterize_model` is the single public verb that walks a model and folds all of them.
+Words, used with one meaning each throughout the package:
+
+* **fold** -- tensor math only: merge a BatchNorm or an identity branch into a kernel and bias
+  (:func:`fold_batchnorm`, :func:`identity_kernel`). Pure functions of tensors, at the top of this
+  file; differentiable, dtype/device agnostic, tested in isolation.
+* **reparameterize** -- the module and model verb: replace training-time structure by the
+  inference structure that computes the same function. Modules that can do it implement
+  :class:`Reparameterizable`; :func:`reparameterize_model` walks a model and calls them.
+* **form** -- what a model (or checkpoint) is: ``"train"``; ``"branch-folded"``, only the RepGhost
+  modules' re-param branches merged, every other BatchNorm kept (the authors' deploy files);
+  ``"deploy"``, no BatchNorm and no branch left (this project's inference form).
+  :func:`model_form` answers which.
 """
 
 from __future__ import annotations
@@ -20,10 +27,10 @@ __all__ = [
     "batchnorm_scale_shift",
     "fold_batchnorm",
     "identity_kernel",
-    "pad_kernel",
     "Reparameterizable",
     "reparameterize_model",
-    "is_reparameterized",
+    "model_form",
+    "FORMS",
 ]
 
 KernelBias = Tuple[torch.Tensor, torch.Tensor]
@@ -92,60 +99,68 @@ def identity_kernel(
     return kernel
 
 
-def pad_kernel(kernel: torch.Tensor, kernel_size: Tuple[int, int]) -> torch.Tensor:
-    """Zero-pad a smaller odd kernel (e.g. 1x1) to ``kernel_size``, keeping it centred."""
-    kh, kw = kernel.shape[-2:]
-    th, tw = kernel_size
-    if (th - kh) % 2 or (tw - kw) % 2 or th < kh or tw < kw:
-        raise ValueError(f"cannot centre a {kh}x{kw} kernel in {th}x{tw}")
-    ph, pw = (th - kh) // 2, (tw - kw) // 2
-    return nn.functional.pad(kernel, (pw, pw, ph, ph))
-
-
 # --------------------------------------------------------------------------------------------
 # Model-level switch
 # --------------------------------------------------------------------------------------------
+FORMS = ("train", "branch-folded", "deploy")
+
+
 @runtime_checkable
 class Reparameterizable(Protocol):
-    """A module that can fold its training-time structure into an inference-time one.
+    """A module that can reparameterize its training-time structure into an inference-time one.
 
-    ``reparameterize()`` modifies the module in place and is a no-op when already folded.
-    ``reparameterize_error()`` returns why the module cannot be folded, or ``None``.
+    ``reparameterize()`` modifies the module in place and is a no-op when already done.
+    ``reparameterize_error()`` returns why the module cannot be reparameterized, or ``None``.
+    ``has_branches`` is True while there is something left to merge. ``reparam_part`` says what
+    it merges: ``"branch"`` (a RepGhost module's re-param branch: the step that makes the
+    branch-folded form), ``"norm"`` (a conv-BN pair) or ``"model"`` (bookkeeping of a whole
+    network, e.g. its recorded config).
     """
+
+    reparam_part: str
+
+    @property
+    def has_branches(self) -> bool: ...
 
     def reparameterize(self) -> None: ...
 
     def reparameterize_error(self) -> Optional[str]: ...
 
 
-def reparameterize_model(model: nn.Module, *, inplace: bool) -> nn.Module:
-    """Fold every re-parameterizable part of ``model`` for inference and return it.
+def reparameterize_model(model: nn.Module, *, inplace: bool, form: str = "deploy") -> nn.Module:
+    """Reparameterize every part of ``model`` into ``form`` and return it.
 
-    With ``inplace=True`` the given model is modified and returned; with ``inplace=False`` a deep
-    copy is folded and the given model is left untouched. Idempotent. Raises ``ValueError`` (before
-    modifying anything) if some part cannot be folded, e.g. the pre-sum ReLU ablation.
+    ``form="deploy"`` (the default) leaves no BatchNorm and no branch; ``form="branch-folded"``
+    merges only the RepGhost re-param branches (the authors' deploy form). With ``inplace=True``
+    the given model is modified and returned; with ``inplace=False`` a deep copy is and the given
+    model is left untouched. Idempotent. Raises ``ValueError`` (before modifying anything) if some
+    part cannot be reparameterized, e.g. the pre-sum ReLU ablation.
     """
+    if form not in ("branch-folded", "deploy"):
+        raise ValueError(f"form must be 'deploy' or 'branch-folded', got {form!r}")
+    parts = ("branch",) if form == "branch-folded" else ("branch", "norm", "model")
     for name, module in model.named_modules():
-        if isinstance(module, Reparameterizable):
+        if isinstance(module, Reparameterizable) and module.reparam_part in parts:
             error = module.reparameterize_error()
             if error is not None:
                 raise ValueError(f"{name or type(model).__name__}: {error}")
     if not inplace:
         model = copy.deepcopy(model)
-    targets = [m for m in model.modules() if isinstance(m, Reparameterizable)]
-    # modules() is pre-order, so a block folds its branches before its children fold themselves;
-    # every reparameterize() is written to give the same result in either order.
+    # Children first: a module that merges branches sees its children as built, and a network's
+    # own bookkeeping ("model") runs once everything inside it is done.
+    targets = [m for m in model.modules() if isinstance(m, Reparameterizable) and m.reparam_part in parts]
     with torch.no_grad():
-        for module in targets:
+        for module in reversed(targets):
             module.reparameterize()
     return model
 
 
-def is_reparameterized(model: nn.Module) -> bool:
-    """True when the model holds no BatchNorm and no multi-branch (re-param) module."""
-    for module in model.modules():
-        if isinstance(module, _BatchNorm):
-            return False
-        if isinstance(module, Reparameterizable) and getattr(module, "has_branches", False):
-            return False
-    return True
+def model_form(model: nn.Module) -> str:
+    """``"deploy"``, ``"branch-folded"`` or ``"train"`` (see the module docstring)."""
+    pending = [m for m in model.modules() if isinstance(m, Reparameterizable) and m.has_branches]
+    if not pending and not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return "deploy"
+    branch_parts = [m for m in model.modules() if isinstance(m, Reparameterizable) and m.reparam_part == "branch"]
+    if branch_parts and not any(m.has_branches for m in branch_parts):
+        return "branch-folded"
+    return "train"

@@ -11,7 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..checkpoint import CheckpointError
-from ..export import MissingRuntimeError
+from ..deploy.export import MissingRuntimeError
 from . import core, demo, deploy, training
 
 COMMAND_GROUPS = [core, training, deploy, demo]

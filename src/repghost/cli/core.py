@@ -23,7 +23,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 # info
 # --------------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..complexity import measure_widths
+    from ..models.complexity import measure_widths
 
     rows = measure_widths((3, args.img_size, args.img_size))
     if args.json:
@@ -49,7 +49,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     all_ok = True
     for r in rows:
         m, pub = r["measured"], r["published"]
-        t, b, d = m["train"], m["branch_folded"], m["deploy"]
+        t, b, d = m["train"], m["branch-folded"], m["deploy"]
         ok = (
             args.img_size == 224
             and t["params"] == pub.params_train
@@ -76,7 +76,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 # convert
 # --------------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..convert import convert_checkpoint
+    from ..deploy.convert import convert_checkpoint
 
     report = convert_checkpoint(args.input, args.output, model_name=args.model, use_ema=not args.no_ema)
     weights = f", weights '{report.weights}'" if report.weights else ""

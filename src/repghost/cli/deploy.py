@@ -10,8 +10,8 @@ from typing import Callable, Dict
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from ..benchmark import DEFAULT_MODELS, DEFAULT_RUNTIMES, RUNTIMES
-    from ..export import FORMATS, MAX_OPSET, MIN_OPSET
+    from ..bench.latency import DEFAULT_MODELS, DEFAULT_RUNTIMES, RUNTIMES
+    from ..deploy.export import FORMATS, MAX_OPSET, MIN_OPSET
 
     p = sub.add_parser("export", help="export a checkpoint (folded) to ONNX/TorchScript/MNN/ExecuTorch and verify it")
     p.add_argument("--checkpoint", required=True, help="checkpoint of any supported layout (train or deploy form)")
@@ -55,7 +55,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     from ..checkpoint import model_from_checkpoint
-    from ..export import EXPORT_TOLERANCE, export_model
+    from ..deploy.export import EXPORT_TOLERANCE, export_model
 
     model, ckpt = model_from_checkpoint(args.checkpoint, model_name=args.model, use_ema=not args.no_ema)
     weights = f", weights '{ckpt.source}'" if ckpt.source else ""
@@ -106,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--out must be a folder, and {args.out} is a file")
     if args.rq1:
         return _bench_rq1(args)
-    from ..benchmark import markdown_table, run_benchmark, write_results
+    from ..bench.latency import markdown_table, run_benchmark, write_results
 
     result = run_benchmark(
         args.models,
@@ -139,8 +139,8 @@ def _ratio(a: float, b: float, overhead: float) -> str:
 def _bench_rq1(args: argparse.Namespace) -> int:
     import json
 
-    from ..checkpoint import atomic_write
-    from ..rq1 import OPS, run_rq1
+    from ..files import atomic_write
+    from ..bench.rq1 import OPS, run_rq1
 
     runtimes = list(args.runtimes)
     result = run_rq1(

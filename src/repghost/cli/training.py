@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any, Dict, Optional
 
-from ..data import DATASETS
+from ..training.data import DATASETS
 from ..models import list_models
 
 # command-line flag -> TrainConfig field, for the options that override a config
@@ -111,8 +111,8 @@ class _ProgressBar:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from ..train import NonFiniteLossError, resume_config, train
-    from ..train_config import load_config
+    from ..training.loop import NonFiniteLossError, resume_config, train
+    from ..training.config import load_config
 
     overrides = _overrides(args)
     if args.resume:
@@ -146,8 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from ..checkpoint import model_from_checkpoint
-    from ..data import build_dataset, build_transform, collate_skipping
-    from ..evaluate import evaluate
+    from ..training.data import build_dataset, build_transform, collate_skipping
+    from ..training.evaluate import evaluate
     from ..models import config as C
     from ..reparam import reparameterize_model
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import Classifier, ConvNorm, SqueezeExcite, make_divisible
+from .layers import Classifier, ConvNorm, SqueezeExcite, make_divisible
 from ..reparam import fold_batchnorm, identity_kernel
 from . import config as C
 
@@ -21,8 +21,6 @@ __all__ = [
     "RepGhostBottleneck",
     "RepGhostNet",
     "RepGhostFeatures",
-    "fold_reparam_branches",
-    "model_form",
 ]
 
 
@@ -118,9 +116,11 @@ class RepGhostModule(nn.Module):
             y = self.act(y)
         return y
 
+    reparam_part = "branch"
+
     @property
     def has_branches(self) -> bool:
-        return self.fusion is not None
+        return self.fusion is not None or self.cheap.bn is not None
 
     def reparameterize_error(self) -> Optional[str]:
         if self.cheap_act is not None and self.fusion is not None:
@@ -131,13 +131,17 @@ class RepGhostModule(nn.Module):
         return None
 
     def reparameterize(self) -> None:
-        """Fold the re-param branch into ``cheap`` (in place); a no-op when already folded."""
+        """Merge the re-param branch and the cheap conv's BN into one biased depthwise conv (in
+        place); a no-op when already done."""
         error = self.reparameterize_error()
         if error is not None:
             raise ValueError(error)
-        if self.fusion is None:
+        if not self.has_branches:
             return
         weight, bias = self.cheap.equivalent_kernel_bias()
+        if self.fusion is None:  # reparam="none": only the cheap conv's own BN to fold
+            self.cheap.set_kernel_bias(weight, bias)
+            return
         conv = self.cheap.conv
         identity = identity_kernel(
             conv.out_channels, conv.kernel_size, conv.groups, dtype=weight.dtype, device=weight.device
@@ -269,8 +273,12 @@ class RepGhostNet(nn.Module):
     def _make_classifier(self, num_classes: int) -> nn.Module:
         return Classifier(C.HEAD_CHS, num_classes) if num_classes > 0 else nn.Identity()
 
+    # Reparameterizable, as a whole network: records the deploy form in ``cfg`` once
+    # ``reparameterize_model`` has reparameterized every part inside it.
+    reparam_part = "model"
+    has_branches = False
+
     def reparameterize(self) -> None:
-        """Record the deployed form in ``cfg``; ``reparameterize_model`` folds the parts."""
         self.cfg = dataclasses.replace(self.cfg, deploy=True)
 
     def reparameterize_error(self) -> Optional[str]:
@@ -377,6 +385,9 @@ class RepGhostFeatures(nn.Module):
         self.blocks = net.blocks[: last_stage + 1]  # a prefix keeps the names blocks.0 .. blocks.k
         self.final_conv: Optional[ConvNorm] = net.final_conv if needs_final else None
 
+    reparam_part = "model"  # Reparameterizable, as RepGhostNet
+    has_branches = False
+
     def reparameterize(self) -> None:
         self.cfg = dataclasses.replace(self.cfg, deploy=True)
 
@@ -401,28 +412,3 @@ class RepGhostFeatures(nn.Module):
         if self.final_conv is not None:
             outputs.append(self.final_conv(x))
         return outputs
-
-
-def fold_reparam_branches(model: nn.Module) -> nn.Module:
-    """Fold only the RepGhost modules' re-param branches, in place.
-
-    The result is the authors' deploy form: one biased depthwise conv per module, every other
-    BatchNorm still in place. :func:`repghost.reparameterize_model` folds everything.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, RepGhostModule):
-                module.reparameterize()
-    return model
-
-
-def model_form(model: nn.Module) -> str:
-    """``"train"``, ``"branch-folded"`` (only the re-param branches folded) or ``"deploy"``."""
-    from ..reparam import is_reparameterized
-
-    if is_reparameterized(model):
-        return "deploy"
-    ghosts = [m for m in model.modules() if isinstance(m, RepGhostModule)]
-    if ghosts and all(m.fusion is None and m.cheap.bn is None for m in ghosts):
-        return "branch-folded"
-    return "train"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .models.config import PUBLISHED as REPGHOST_PUBLISHED
+from ..models.config import PUBLISHED as REPGHOST_PUBLISHED
 
 __all__ = ["PublishedAccuracy", "SOURCES", "published_accuracy"]
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
-from .layers import Classifier
-from .reparam import reparameterize_model
+from ..files import atomic_write
+from ..models.layers import Classifier
+from ..reparam import reparameterize_model
 from .verify import OutputDiff, output_diff
 
 __all__ = [

@@ -8,10 +8,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import EVAL_TRANSFORM_KEY, CheckpointError, model_from_checkpoint, save_checkpoint
-from .models import config as C
-from .models.repghostnet import RepGhostConfig
-from .reparam import reparameterize_model
+from ..checkpoint import EVAL_TRANSFORM_KEY, CheckpointError, model_from_checkpoint, save_checkpoint
+from ..models import config as C
+from ..models.repghostnet import RepGhostConfig
+from ..reparam import reparameterize_model
 from .verify import OutputDiff, compare_models
 
 __all__ = ["ConvertReport", "convert_checkpoint", "CONVERT_TOLERANCE"]

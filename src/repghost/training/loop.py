@@ -26,13 +26,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoint import EVAL_TRANSFORM_KEY, FORMAT_NAME, atomic_write, save_checkpoint
+from ..checkpoint import EVAL_TRANSFORM_KEY, FORMAT_NAME, save_checkpoint
+from ..files import atomic_write
 from .data import build_dataset, build_transform, collate_skipping
 from .distributed import DistContext, ShardSampler, SkipSampler, all_reduce_sum, barrier, init_distributed, shutdown
 from .evaluate import evaluate
-from .models import create_model
-from .reparam import reparameterize_model
-from .train_config import TrainConfig, load_config, resolve_lr, save_config
+from ..create import create_model
+from ..reparam import reparameterize_model
+from .config import TrainConfig, load_config, resolve_lr, save_config
 
 __all__ = ["train", "train_step", "resume_config", "TrainResult", "NonFiniteLossError", "TrainCallbacks", "RunDirError"]
 

@@ -81,20 +81,19 @@ def complexity_report(model: nn.Module, input_size: Sequence[int] = (3, 224, 224
 def measure_widths(input_size: Sequence[int] = (3, 224, 224)) -> List[Dict[str, object]]:
     """Params and MACs of every registered width in its three forms, next to the spec's figures.
 
-    Forms: ``train``; ``branch_folded`` (only the re-param branch folded: the authors' deploy
+    Forms (:data:`repghost.reparam.FORMS`): ``train``; ``branch-folded`` (only the re-param branch folded: the authors' deploy
     form); ``deploy`` (every conv-BN pair folded too: this project's deploy form).
     """
-    from .models import create_model, list_models
-    from .models.config import PUBLISHED
-    from .models.repghostnet import fold_reparam_branches
-    from .reparam import reparameterize_model
+    from ..reparam import reparameterize_model
+    from .config import PUBLISHED
+    from .repghostnet import RepGhostConfig, RepGhostNet
 
     rows: List[Dict[str, object]] = []
-    for name in list_models():
-        train = create_model(name, channels_last=False)
-        branch = fold_reparam_branches(create_model(name, channels_last=False))
+    for name, published in PUBLISHED.items():
+        train = RepGhostNet(RepGhostConfig(width=published.width))
+        branch = reparameterize_model(train, inplace=False, form="branch-folded")
         deploy = reparameterize_model(train, inplace=False)
-        forms = {"train": train, "branch_folded": branch, "deploy": deploy}
+        forms = {"train": train, "branch-folded": branch, "deploy": deploy}
         measured = {form: complexity_report(model, input_size) for form, model in forms.items()}
-        rows.append(dict(name=name, width=PUBLISHED[name].width, measured=measured, published=PUBLISHED[name]))
+        rows.append(dict(name=name, width=published.width, measured=measured, published=published))
     return rows

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .benchmark import Progress, check_runtimes, environment, prepare_runner, time_in_phases
-from .layers import ConvNorm
-from .models import create_model
-from .models.repghostnet import RepGhostModule
+from .latency import Progress, check_runtimes, environment, prepare_runner, time_in_phases
+from ..models.layers import ConvNorm
+from ..create import create_model
+from ..models.repghostnet import RepGhostModule
 
 __all__ = ["OPS", "RQ1_RUNTIMES", "ModuleShape", "RQ1Row", "RQ1Result", "module_shapes", "run_rq1"]
 

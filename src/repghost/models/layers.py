@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .reparam import fold_batchnorm
+from ..reparam import fold_batchnorm
 
 __all__ = ["make_divisible", "ConvNorm", "SqueezeExcite", "Classifier"]
 
@@ -57,6 +57,8 @@ class ConvNorm(nn.Module):
         if self.act is not None:
             x = self.act(x)
         return x
+
+    reparam_part = "norm"  # Reparameterizable: a conv-BN pair
 
     @property
     def has_branches(self) -> bool:

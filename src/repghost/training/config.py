@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import yaml
 
 from .data import DATASETS
-from .models import config as C
+from ..models import config as C
 
 __all__ = ["TrainConfig", "load_config", "resolve_lr", "save_config"]
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from .models import config as C
+from ..models import config as C
 
 __all__ = [
     "DATASETS",
@@ -28,7 +28,6 @@ __all__ = [
     "SyntheticShapes",
     "build_dataset",
     "build_transform",
-    "eval_resize_size",
     "SkipUnreadable",
     "collate_skipping",
     "write_image_folder",
@@ -55,11 +54,6 @@ class DatasetSpec:
 # --------------------------------------------------------------------------------------------
 # Transforms
 # --------------------------------------------------------------------------------------------
-def eval_resize_size(img_size: int, crop_pct: float = C.EVAL_CROP_PCT) -> int:
-    """Short-side resize before the centre crop: 256 for 224 at the published crop_pct 0.875."""
-    return int(round(img_size / crop_pct))
-
-
 def build_transform(
     img_size: int,
     *,

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
-from .export import (
+from ..files import atomic_write
+from ..deploy.export import (
     EXPORT_TOLERANCE,
     SUFFIXES,
     ExportVerificationError,
@@ -47,10 +47,11 @@ from .export import (
     require_format,
     runtime_versions,
 )
-from .models import create_model, list_models
+from ..create import create_model
+from ..models import list_models
 from .published import SOURCES, published_accuracy
-from .reparam import reparameterize_model
-from .verify import output_diff
+from ..reparam import reparameterize_model
+from ..deploy.verify import output_diff
 
 __all__ = [
     "RUNTIMES",
@@ -115,10 +116,6 @@ class ModelSpec:
     arch: str
     train_form: bool
     channels_last: bool
-
-    @property
-    def label(self) -> str:
-        return self.key
 
 
 def parse_model(key: str) -> ModelSpec:
