@@ -10,6 +10,10 @@ mkdir -p "$OUT"
 # 1. Issue "core": eager deployed latency vs timm (0.5x/1.0x/2.0x) and training-step throughput.
 $BIN/python benchmarks/model_speed.py --out "$OUT" --train-rounds 20
 
+# Model keys (repghost bench --help): timm:NAME = timm's model given the same treatment as ours
+# (every conv-BN pair folded, channels_last): the architecture comparisons rest on these;
+# timm:NAME:shipped = as timm ships it (BatchNorm kept, NCHW), shown beside them.
+
 # 2. The paper's comparisons and the baselines, in every runtime (1 thread, batch 1, 224x224).
 mkdir -p "$OUT/main"
 $BIN/repghost bench --out "$OUT/main" --rounds 100 --reference timm:ghostnet_050 \
@@ -18,12 +22,17 @@ $BIN/repghost bench --out "$OUT/main" --rounds 100 --reference timm:ghostnet_050
            timm:repghostnet_050 timm:repghostnet_100 \
            timm:ghostnet_050 timm:ghostnet_100 timm:ghostnet_130 \
            timm:mobilenetv3_small_100 timm:mobilenetv3_large_075 timm:mobilenetv3_large_100 \
-           timm:ghostnetv3_100 timm:mobileone_s0
+           timm:ghostnetv3_100 timm:mobileone_s0 \
+           timm:repghostnet_050:shipped timm:repghostnet_100:shipped \
+           timm:ghostnet_050:shipped timm:ghostnet_100:shipped timm:mobilenetv3_large_075:shipped
 
-# 3. Our exports vs timm's exports, same width, ONNX Runtime and MNN (more rounds: small ratios).
+# 3. Our exports vs timm's exports, same width, ONNX Runtime and MNN (more rounds: small ratios);
+#    timm's model both with the same treatment and as shipped.
 mkdir -p "$OUT/exports"
 $BIN/repghost bench --out "$OUT/exports" --rounds 300 --no-plot --runtimes onnxruntime mnn \
-  --models repghostnet_050 timm:repghostnet_050 repghostnet_100 timm:repghostnet_100 repghostnet_200 timm:repghostnet_200
+  --models repghostnet_050 timm:repghostnet_050 timm:repghostnet_050:shipped \
+           repghostnet_100 timm:repghostnet_100 timm:repghostnet_100:shipped \
+           repghostnet_200 timm:repghostnet_200 timm:repghostnet_200:shipped
 
 # 4. Train form vs deploy form, every width.
 mkdir -p "$OUT/forms"

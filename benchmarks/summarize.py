@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from repghost.bench.latency import paired_ratio
+
 
 def load(path: Path):
     data = json.loads(path.read_text())
@@ -22,7 +24,7 @@ def load(path: Path):
 
 
 def paired(samples, a: str, b: str, runtime: str) -> float:
-    return float(np.median(samples[(a, runtime)] / samples[(b, runtime)]))
+    return paired_ratio(samples[(a, runtime)], samples[(b, runtime)])
 
 
 def median(samples, model: str, runtime: str) -> float:

@@ -4,54 +4,135 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
 import matplotlib.image
+import numpy as np
 import pytest
+import timm
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import repghost
 from repghost.bench.latency import (
-    RUNTIMES,
+    DEFAULT_MODELS,
     build_model,
+    fold_conv_bn,
     markdown_table,
+    paired_ratio,
     parse_model,
+    prepare_runner,
     run_benchmark,
     time_in_phases,
     time_interleaved,
     write_results,
 )
 from repghost.cli import deploy
+from repghost.cli import main as cli_main
 from repghost.deploy.export import MissingRuntimeError
+from repghost.deploy.verify import ExportVerificationError, output_diff
 from repghost.bench.published import published_accuracy
-from repghost.bench.rq1 import OPS, ModuleShape, module_shapes, run_rq1
+from repghost.bench.rq1 import OPS, ModuleShape, RQ1Result, RQ1Row, module_shapes, run_rq1
+
+from conftest import randomize_bn
 
 SIZE = (3, 64, 64)
-MODELS = ["repghostnet_050", "timm:ghostnet_050"]
+MODELS = ["repghostnet_050", "timm:ghostnet_050", "timm:ghostnet_050:shipped"]
 TINY_RUNTIMES = ["eager", "torchscript", "onnxruntime", "mnn"]
 
 
 @pytest.fixture(scope="module")
 def tiny_result():
-    return run_benchmark(MODELS, TINY_RUNTIMES, input_size=SIZE, rounds=3, warmup=1)
+    return run_benchmark(MODELS, TINY_RUNTIMES, input_size=SIZE, rounds=5, warmup=1)
+
+
+def _n_batchnorms(model):
+    return sum(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def _channels_last(model):
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    return all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
 
 
 def test_parse_model_keys():
     ours = parse_model("repghostnet_100")
-    assert (ours.source, ours.arch, ours.train_form, ours.channels_last) == ("repghost", "repghostnet_100", False, True)
+    assert (ours.source, ours.arch, ours.train_form, ours.channels_last, ours.shipped) == (
+        "repghost", "repghostnet_100", False, True, False)
     assert parse_model("repghostnet_100:train:nchw").train_form and not parse_model("repghostnet_100:nchw").channels_last
-    theirs = parse_model("timm:repghostnet_100")
-    assert (theirs.source, theirs.channels_last) == ("timm", False) and parse_model("timm:ghostnet_100:cl").channels_last
-    for bad in ["resnet50", "timm:not_a_model", "repghostnet_100:fast", "repghostnet_100:nchw:cl", "timm:"]:
+    equal = parse_model("timm:repghostnet_100")  # same treatment as ours by default: channels_last
+    assert (equal.source, equal.channels_last, equal.shipped) == ("timm", True, False)
+    shipped = parse_model("timm:repghostnet_100:shipped")  # as timm ships it: NCHW
+    assert (shipped.channels_last, shipped.shipped, shipped.train_form) == (False, True, False)
+    assert parse_model("timm:ghostnet_100:shipped:cl").channels_last and not parse_model("timm:ghostnet_100:nchw").channels_last
+    for bad in ["resnet50", "timm:not_a_model", "repghostnet_100:fast", "repghostnet_100:nchw:cl", "timm:",
+                "repghostnet_100:shipped", "timm:ghostnet_050:shipped:shipped"]:
         with pytest.raises(ValueError):
             parse_model(bad)
 
 
+def test_default_models_hold_equal_treatment_baselines_and_a_shipped_figure():
+    specs = [parse_model(k) for k in DEFAULT_MODELS]
+    shipped = {s.arch for s in specs if s.source == "timm" and s.shipped}
+    equal = {s.arch for s in specs if s.source == "timm" and not s.shipped and not s.train_form}
+    assert "ghostnet_050" in shipped and shipped <= equal  # every shipped figure has its same-treatment twin
+    assert {"ghostnet_050", "mobilenetv3_large_075", "repghostnet_100"} <= equal
+
+
 def test_build_model_forms():
-    assert repghost.model_form(build_model(parse_model("repghostnet_050"))) == "deploy"
-    assert repghost.model_form(build_model(parse_model("repghostnet_050:train"))) == "train"
-    timm_folded = build_model(parse_model("timm:repghostnet_050"))
-    assert not any(".fusion_bn" in name for name, _ in timm_folded.named_modules())  # timm's own folding ran
+    assert repghost.model_form(build_model(parse_model("repghostnet_050"), input_size=SIZE)) == "deploy"
+    assert repghost.model_form(build_model(parse_model("repghostnet_050:train"), input_size=SIZE)) == "train"
+    timm_shipped = build_model(parse_model("timm:repghostnet_050:shipped"), input_size=SIZE)
+    assert not any(".fusion_bn" in name for name, _ in timm_shipped.named_modules())  # timm's own folding ran
+    assert _n_batchnorms(timm_shipped) > 0 and not _channels_last(timm_shipped)  # nothing else done
+    timm_equal = build_model(parse_model("timm:repghostnet_050"), input_size=SIZE)
+    assert _n_batchnorms(timm_equal) == 0 and _channels_last(timm_equal)  # treated like ours
+    assert _n_batchnorms(build_model(parse_model("timm:ghostnet_050:train"), input_size=SIZE)) > 0
+
+
+@pytest.mark.parametrize(
+    "arch", ["ghostnet_050", "mobilenetv3_small_100", "mobilenetv3_large_075", "repghostnet_050", "mobileone_s0", "ghostnetv3_100"]
+)
+def test_fold_conv_bn_folds_every_pair_of_every_baseline_family(arch):
+    """Equal treatment: no BatchNorm left, same outputs as the unfolded model (BN stats made non-trivial).
+
+    Compared in float64: with random BN statistics some of these networks amplify float32 rounding
+    to 1e-4 on their own (MobileNetV3-L's unfolded float32 output is 2e-4 off its float64 one)."""
+    from timm.utils.model import reparameterize_model as timm_reparameterize
+
+    torch.manual_seed(0)
+    model = timm_reparameterize(randomize_bn(timm.create_model(arch)).eval()).double()
+    folded = fold_conv_bn(model).to(memory_format=torch.channels_last)
+    assert _n_batchnorms(folded) == 0 and type(folded) is type(model)
+    assert arch == "mobileone_s0" or _n_batchnorms(model) > 0  # the original was left as it was
+    x = torch.randn(2, *SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        assert output_diff(model(x), folded(x)).max_rel < 1e-10
+
+
+def test_fold_conv_bn_keeps_a_bn_whose_conv_output_is_used_twice():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # folding bn into conv would change the second use
+
+    model = randomize_bn(Branchy()).eval()
+    folded = fold_conv_bn(model)
+    assert _n_batchnorms(folded) == 1
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(model(x), folded(x))
+
+
+def test_build_model_rejects_a_fold_that_changes_the_outputs():
+    with pytest.raises(ExportVerificationError, match="conv-BN pairs folded"):
+        build_model(parse_model("timm:ghostnet_050"), input_size=SIZE, tolerance=-1.0)
 
 
 def test_published_accuracy_has_sources():
@@ -62,16 +143,35 @@ def test_published_accuracy_has_sources():
     assert published_accuracy("resnet50") is None
 
 
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    a = [1.0, 2.0, 3.0, 40.0, 50.0]
+    b = [2.0, 2.0, 2.0, 20.0, 100.0]
+    # per-round ratios 0.5, 1, 1.5, 2, 0.5 -> median 1.0; the ratio of medians would be 3 / 2
+    assert paired_ratio(a, b) == 1.0
+    assert paired_ratio(b, a) == 1.0 and paired_ratio([3.0, 6.0], [1.0, 2.0]) == 3.0
+    for bad in [([1.0, 2.0], [1.0]), ([], []), ([1.0, 0.0], [1.0, 1.0])]:
+        with pytest.raises(ValueError):
+            paired_ratio(*bad)
+
+
 def test_tiny_run_structure(tiny_result):
     assert len(tiny_result.measurements) == len(MODELS) * len(TINY_RUNTIMES)
-    for m in tiny_result.measurements:
-        assert len(m.samples_ms) == 3 and m.p10_ms <= m.median_ms <= m.p90_ms
-        assert m.max_rel_error <= 1e-4 and m.top1 is not None and m.top1_source
-        if m.model == tiny_result.reference:
-            assert m.ratio == 1.0 and m.paired_ratio == 1.0
-        else:
-            assert m.ratio > 0 and m.paired_ratio > 0
     assert tiny_result.reference == "repghostnet_050"
+    for m in tiny_result.measurements:
+        assert len(m.samples_ms) == 5 and m.p10_ms <= m.median_ms <= m.p90_ms
+        assert m.median_ms == pytest.approx(statistics.median(m.samples_ms))
+        assert m.max_rel_error <= 1e-4 and m.top1 is not None and m.top1_source
+        ref = tiny_result.get(tiny_result.reference, m.runtime)
+        # against ratios computed here from the raw samples of the same rounds
+        per_round = [x / y for x, y in zip(m.samples_ms, ref.samples_ms)]
+        assert m.paired_ratio == pytest.approx(statistics.median(per_round), rel=1e-12)
+        assert m.ratio == pytest.approx(statistics.median(m.samples_ms) / statistics.median(ref.samples_ms), rel=1e-12)
+        assert tiny_result.ratio(m.model, "timm:ghostnet_050", m.runtime) == pytest.approx(
+            statistics.median(x / y for x, y in zip(m.samples_ms, tiny_result.get("timm:ghostnet_050", m.runtime).samples_ms)),
+            rel=1e-12,
+        )
+    treatments = tiny_result.settings["treatments"]
+    assert "same treatment" in treatments["timm:ghostnet_050"] and "as timm ships it" in treatments["timm:ghostnet_050:shipped"]
     env = tiny_result.environment
     assert env["threads"] == 1 and env["cpu"] and env["date"]
     assert {"torch", "onnxruntime", "MNN", "timm"} <= set(env["versions"])
@@ -80,11 +180,13 @@ def test_tiny_run_structure(tiny_result):
 def test_tiny_run_writes_json_markdown_png(tiny_result, tmp_path):
     paths = write_results(tiny_result, tmp_path)
     data = json.loads(paths["json"].read_text())
+    assert data == tiny_result.to_dict()  # every value round-trips, samples included
     assert set(data) == {"environment", "settings", "reference", "measurements"}
     assert data["settings"]["runtimes"] == TINY_RUNTIMES and data["settings"]["input_shape"] == [1, *SIZE]
     assert {(m["model"], m["runtime"]) for m in data["measurements"]} == {(a, b) for a in MODELS for b in TINY_RUNTIMES}
     table = paths["markdown"].read_text()
     assert table.count("\n| ") == 1 + len(MODELS) and "onnxruntime ratio" in table and "GhostNet paper" in table
+    assert "`timm:ghostnet_050:shipped`: timm ghostnet_050, as timm ships it" in table
     assert markdown_table(tiny_result) == table
     image = matplotlib.image.imread(paths["png"])
     assert image.ndim == 3 and image.shape[0] > 100
@@ -93,8 +195,38 @@ def test_tiny_run_writes_json_markdown_png(tiny_result, tmp_path):
 
 def test_threads_are_restored():
     before = torch.get_num_threads()
-    run_benchmark(["repghostnet_050"], ["eager"], input_size=SIZE, rounds=1, warmup=0, threads=1)
-    assert torch.get_num_threads() == before
+    try:
+        torch.set_num_threads(3)
+        run_benchmark(["repghostnet_050"], ["eager"], input_size=SIZE, rounds=1, warmup=0, threads=1)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_prepared_runners_time_with_their_threads_and_leave_the_callers(tmp_path):
+    class Probe(torch.nn.Module):  # records the thread count each forward runs with
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(torch.get_num_threads())
+            return x * 2
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        probe = Probe().eval()
+        run, _ = prepare_runner(probe, "eager", input_size=(1, 2, 2), threads=1, work_dir=str(tmp_path), name="p")
+        out = run(np.ones((1, 1, 2, 2), np.float32))
+        assert probe.seen == [1] and torch.get_num_threads() == 3 and float(out[0].sum()) == 8.0
+        model = build_model(parse_model("repghostnet_050"), input_size=SIZE)
+        frozen, max_rel = prepare_runner(model, "torchscript", input_size=SIZE, threads=1, work_dir=str(tmp_path), name="m")
+        assert torch.get_num_threads() == 3 and max_rel <= 1e-4
+        frozen(np.zeros((1, *SIZE), np.float32))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_executorch_runtime():
@@ -121,7 +253,6 @@ def test_bad_arguments():
         run_benchmark(["repghostnet_050", "repghostnet_050"], ["eager"], input_size=SIZE)
     with pytest.raises(ValueError, match="rounds"):
         time_interleaved({"a": lambda: None}, rounds=0, warmup=0)
-    assert set(RUNTIMES) >= set(TINY_RUNTIMES)
 
 
 def test_missing_runtime_fails_before_any_work(monkeypatch):
@@ -143,7 +274,17 @@ def test_rq1_tiny_run_has_rows_for_each_runtime():
     assert all(r.median_us > 0 and r.count == 2 for r in result.rows)
     totals = result.network_totals()
     assert set(totals) == set(runtimes) and totals["mnn"]["add"] == pytest.approx(2 * result.median((8, 16, 16), "mnn", "add"))
-    assert json.dumps(result.to_dict())
+    data = result.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["network_totals_us"]["eager"]["concat"] == pytest.approx(2 * result.median((8, 16, 16), "eager", "concat"))
+
+
+def test_rq1_net_ratio_subtracts_the_overhead_and_refuses_unresolvable_ops():
+    medians = {"overhead": 10.0, "add": 40.0, "concat": 25.0, "repghost_deploy": 12.0, "ghost_concat": 30.0}
+    rows = [RQ1Row(8, 4, 4, 1, "eager", op, us, us, us) for op, us in medians.items()]
+    result = RQ1Result({}, {}, rows)
+    assert result.net_ratio((8, 4, 4), "eager", "add", "concat") == pytest.approx((40 - 10) / (25 - 10))
+    assert result.net_ratio((8, 4, 4), "eager", "repghost_deploy", "ghost_concat") is None  # 12 < 1.5 x 10
 
 
 def _cli(argv):
@@ -169,6 +310,29 @@ def test_cli_bench(tmp_path, capsys):
 def test_cli_rq1(tmp_path, capsys):
     argv = ["bench", "--rq1", "--rq1-model", "repghostnet_050", "--runtimes", "eager", "--img-size", "32"]
     assert _cli(argv + ["--rounds", "1", "--warmup", "0", "--out", str(tmp_path / "rq1")]) == 0
-    out = capsys.readouterr().out
-    assert "add/concat" in out and "One network's worth" in out
+    captured = capsys.readouterr()
+    assert "add/concat" in captured.out and "One network's worth" in captured.out
+    assert "ignores" not in captured.err
     assert json.loads((tmp_path / "rq1" / "rq1.json").read_text())["rows"]
+    # options --rq1 does not use are named in a warning
+    assert _cli(argv + ["--rounds", "1", "--warmup", "0", "--models", "repghostnet_050", "--no-plot"]) == 0
+    assert "warning: --rq1 ignores --models, --no-plot" in capsys.readouterr().err
+
+
+def test_bench_help_documents_keys_defaults_and_rq1(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no re-wrapping inside hyphenated flags
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse re-wraps lines
+    assert "timm:NAME:shipped" in text and "same treatment" in text
+    assert "default: " + " ".join(DEFAULT_MODELS) in text
+    assert "--img-size IMG_SIZE input height and width" in text
+    assert "ignores --models, --reference, --no-plot, --keep-exports" in text
+
+
+def test_cli_bench_without_matplotlib_fails_before_timing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc = cli_main(["bench", "--models", "repghostnet_050", "--runtimes", "eager", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'repghost[plot]'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

@@ -156,6 +156,15 @@ def test_num_classes_mismatch(authors_train_file, caplog):
     assert tuned.classifier.out_features == 10
 
 
+def test_wrong_width_hint_for_the_authors_deploy_files(authors_deploy_file):
+    """Branch-folded files (the authors' deploy form) get the width hint too."""
+    with pytest.raises(CheckpointError, match="shape mismatches.*fit repghostnet_050"):
+        repghost.create_model("repghostnet_100", deploy=True, pretrained=authors_deploy_file)
+    folded = repghost.reparameterize_model(repghost.create_model("repghostnet_080"), inplace=True, form="branch-folded")
+    with pytest.raises(CheckpointError, match="shape mismatches.*fit repghostnet_050"):
+        repghost.load_checkpoint(folded, authors_deploy_file)
+
+
 def test_missing_keys_are_summarized(tmp_path, timm_model):
     sd = {k: v for k, v in timm_model.state_dict().items() if "blocks.3" not in k}
     path = tmp_path / "partial.pth"
@@ -165,7 +174,9 @@ def test_missing_keys_are_summarized(tmp_path, timm_model):
 
 
 def test_ablation_mismatch_hint(tmp_path):
-    path = repghost.save_checkpoint(repghost.create_model("repghostnet_050", reparam="none"), tmp_path / "a.safetensors")
+    # A plain state dict records no config: the shapes alone say "no re-param BN branch".
+    path = tmp_path / "a.pth"
+    torch.save(repghost.create_model("repghostnet_050", reparam="none").state_dict(), path)
     with pytest.raises(CheckpointError, match="reparam='identity' or 'none'"):
         repghost.create_model("repghostnet_050", pretrained=path)
 
@@ -195,17 +206,42 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_pickled_code_is_never_executed(tmp_path, timm_model):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickled_code_is_never_executed(tmp_path, timm_model, zip_format):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": timm_model.state_dict(), "hook": _Payload(str(marker))}, path)
-    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+    payload = {"state_dict": timm_model.state_dict(), "args": argparse.Namespace(lr=0.1), "hook": _Payload(str(marker))}
+    torch.save(payload, path, _use_new_zipfile_serialization=zip_format)
+    # Names the offending global (not argparse.Namespace, which is allowed) and says what to do.
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle.*\(io\.open\).*re-save only its weights"):
         repghost.create_model("repghostnet_050", pretrained=path)
     assert not marker.exists()
 
 
-def test_pretrained_true_without_network_says_so(monkeypatch):
+def test_legacy_format_checkpoint_without_objects_loads(tmp_path, timm_model, timm_logits):
+    path = tmp_path / "legacy.pth"
+    torch.save({"state_dict": timm_model.state_dict(), "args": argparse.Namespace(model="repghostnet_0_5x")}, path,
+               _use_new_zipfile_serialization=False)
+    model = repghost.create_model("repghostnet_050", pretrained=path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), timm_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_torchscript_archive_is_named(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(CheckpointError, match="TorchScript archive.*torch.jit.load"):
+        repghost.create_model("repghostnet_050", pretrained=path)
+
+
+def test_pretrained_true_without_network_says_so(monkeypatch, tmp_path):
+    """Offline and with an empty hub cache (a machine whose cache holds the weights would load
+    them, which is right, so the cache is pointed at an empty folder for this test)."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     with pytest.raises(RuntimeError, match="could not download.*pretrained=PATH"):
         repghost.create_model("repghostnet_050", pretrained=True)
 
@@ -257,3 +293,45 @@ def test_nonfinite_weights_fail_conversion(tmp_path, timm_model):
     torch.save(sd, src)
     assert cli_main(["convert", str(src), str(tmp_path / "out.safetensors")]) == 2
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ---- package layout ---------------------------------------------------------------------------
+CHECKPOINT_PACKAGE = os.path.join(os.path.dirname(repghost.__file__), "checkpoint")
+
+
+def _imports(path):
+    import ast
+
+    tree = ast.parse(open(path).read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_checkpoint_package_depends_only_downwards():
+    """checkpoint/ may use models/, reparam and files, never create or the CLI (no import cycles)."""
+    modules = sorted(f for f in os.listdir(CHECKPOINT_PACKAGE) if f.endswith(".py"))
+    assert {"__init__.py", "layouts.py", "files.py", "load.py"} <= set(modules)
+    for name in modules:
+        imports = _imports(os.path.join(CHECKPOINT_PACKAGE, name))
+        bad = {i for i in imports if i.lstrip(".").split(".")[0] in ("create", "cli") or "repghost.create" in i or "repghost.cli" in i}
+        assert not bad, f"{name} imports {bad}"
+
+
+def test_one_width_search():
+    """Config inference and the width hint share one loop over the registered widths."""
+    sources = [open(os.path.join(CHECKPOINT_PACKAGE, f)).read() for f in os.listdir(CHECKPOINT_PACKAGE) if f.endswith(".py")]
+    assert sum(s.count("WIDTHS.items()") for s in sources) == 1
+
+
+def test_public_names_still_import():
+    from repghost.checkpoint import (  # noqa: F401
+        EVAL_TRANSFORM_KEY, FORMAT_NAME, Checkpoint, CheckpointError, LoadReport, detect_layout,
+        infer_config, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint,
+    )
+
+    assert issubclass(CheckpointError, ValueError) and repghost.CheckpointError is CheckpointError

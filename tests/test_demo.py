@@ -21,12 +21,36 @@ def test_demo_writes_the_report_folder(tmp_path):
     assert report.final["deploy_form"]["top1"] == report.final["train_form"]["top1"]
     assert report.logits_diff.max_rel < 1e-5
     assert set(report.exports) == {"onnx", "mnn"} and all(e.diff.max_rel < 1e-4 for e in report.exports.values())
-    measured = {(m["model"], m["runtime"]) for m in json.loads((tmp_path / "demo" / "latency.json").read_text())["measurements"]}
+    latency = json.loads((tmp_path / "demo" / "latency.json").read_text())
+    measured = {(m["model"], m["runtime"]) for m in latency["measurements"]}
     assert ("timm:ghostnet_050", "mnn") in measured and ("repghostnet_050", "onnxruntime") in measured
+    assert ("timm:ghostnet_050:shipped", "eager") in measured  # the as-shipped figure beside the equal-treatment one
+    assert latency["reference"] == "timm:ghostnet_050" and latency["settings"]["input_shape"] == [1, 3, 64, 64]
+    assert all(e.input_shape == (8, 3, 32, 32) for e in report.exports.values())  # 8 validation images, trained size
     summary = (tmp_path / "demo" / "summary.md").read_text()
     assert "deploy form (every BN folded): top-1" in summary
+    # the sizes actually used: exports at the trained 32x32, latency at --bench-size 64 (not a fixed 224)
+    assert "## Exports (32x32 input" in summary and "## Latency (batch 1, 64x64 input" in summary
+    assert "224" not in summary and "`timm:ghostnet_050:shipped`" in summary
     for png in ("training.png", "latency.png"):
         assert (tmp_path / "demo" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_cli_without_matplotlib_skips_the_plots_and_says_what_to_install(tmp_path):
+    """`pip install repghost` has no matplotlib: the demo still reports, and names the extra."""
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; from repghost.cli import main; "
+        f"sys.exit(main(['demo', '--out', {str(tmp_path / 'demo')!r}, '--epochs', '1', '--bench-rounds', '0']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("note")]
+    assert len(notes) == 1 and "plots skipped" in notes[0] and "pip install 'repghost[plot]'" in notes[0]
+    names = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert names == ["model.mnn", "model.onnx", "run", "summary.md"]
+    summary = (tmp_path / "demo" / "summary.md").read_text()
+    assert "pip install 'repghost[plot]'" in summary and "deploy form (every BN folded): top-1" in summary
 
 
 def test_demo_cli_refuses_to_overwrite(tmp_path, capsys):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,7 +14,10 @@ import pytest
 import torch
 
 import repghost
+from repghost.checkpoint import EVAL_TRANSFORM_KEY
 from repghost.cli import deploy
+from repghost.cli import main as cli_main
+from repghost.deploy import export as export_module
 from repghost.deploy.export import (
     FORMATS,
     SUFFIXES,
@@ -21,7 +27,8 @@ from repghost.deploy.export import (
     load_runner,
     verify_export,
 )
-from repghost.deploy.verify import output_diff
+from repghost.deploy.verify import load_image_batch, output_diff, verify_runner
+from repghost.training.data import SyntheticShapes, build_transform, write_image_folder
 
 from conftest import randomize_bn
 
@@ -206,4 +213,150 @@ def test_weak_verification_is_reported_and_real_inputs_can_be_given(tmp_path, ca
     with caplog.at_level("WARNING", logger="repghost.export"):
         report = export_model(live, tmp_path / "live.onnx", "onnx", inputs=images, dynamic_batch=True)
     assert "weak" not in caplog.text
-    assert report.input_shape == (2, 3, 48, 40) and report.diff.max_rel < 1e-4
+    assert report.input_shape == (3, 3, 48, 40) and report.diff.max_rel < 1e-4  # every given image
+
+
+def test_static_batch_export_is_checked_on_every_given_image(model, tmp_path):
+    """A batch-1 file is fed the images one by one: a wrong answer on the last one still fails."""
+    images = torch.randn(4, *SIZE)
+    report = export_model(model, tmp_path / "m.onnx", "onnx", inputs=images)
+    assert report.input_shape == (4, *SIZE) and report.max_rel <= 1e-4
+    run = load_runner(tmp_path / "m.onnx", "onnx")
+    with pytest.raises(Exception, match="(?i)invalid dimensions"):  # the file really has a static batch of 1
+        run(images.numpy())
+
+    def wrong_on_last(x):  # right on single images except the 4th one
+        out = run(x)
+        if np.array_equal(x, images[3:4].numpy()):
+            out = [o + 1.0 for o in out]
+        return out
+
+    with pytest.raises(ExportVerificationError, match="my runner"):
+        verify_runner(wrong_on_last, model, images, "my runner", batch=1)
+    assert verify_runner(run, model, images, "my runner", batch=1).max_rel <= 1e-4
+
+
+def test_verify_runner_rejects_a_different_number_of_outputs(model):
+    x = torch.randn(1, *SIZE)
+    ok = _eager(model, x).numpy()
+    with pytest.raises(ExportVerificationError, match="returns 2 outputs, the model 1"):
+        verify_runner(lambda a: [ok, ok], model, x, "two-headed")
+
+
+# --------------------------------------------------------------------------------------------
+# The caller's torch thread count survives exports and runners
+# --------------------------------------------------------------------------------------------
+def test_torchscript_export_and_runner_keep_the_callers_thread_count(model, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # neither 1 (what the runner is made for) nor the suite's default
+        export_model(model, tmp_path / "m.pt", "torchscript", input_size=SIZE)
+        assert torch.get_num_threads() == 3
+        run = load_runner(tmp_path / "m.pt", "torchscript", threads=1)
+        assert torch.get_num_threads() == 3
+        x = torch.randn(1, *SIZE)
+        assert output_diff(_eager(model, x), run(x.numpy())[0]).max_rel <= 1e-4
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_runner_runs_with_its_thread_count():
+    seen = []
+
+    def probe(x):
+        seen.append(torch.get_num_threads())
+        return [x]
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        run = export_module.with_torch_threads(probe, 1)
+        run(np.zeros((1, 1), np.float32))
+        assert seen == [1] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# Verification on real images (repghost export --verify-data)
+# --------------------------------------------------------------------------------------------
+STORED_TRANSFORM = dict(img_size=32, crop_pct=1.0, interpolation="bilinear", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+
+
+def test_load_image_batch_is_the_dataset_through_the_stored_eval_transform():
+    batch = load_image_batch("synthetic", 8, transform=STORED_TRANSFORM)
+    tf = build_transform(32, train=False, crop_pct=1.0, eval_interpolation="bilinear",
+                         mean=STORED_TRANSFORM["mean"], std=STORED_TRANSFORM["std"])
+    val = SyntheticShapes("val", img_size=32)
+    expected = torch.stack([tf(val[i][0]) for i in range(8)])
+    assert batch.shape == (8, 3, 32, 32) and torch.equal(batch, expected)
+    # the published transform (no stored one) differs: the stored mean/std were really used
+    assert not torch.allclose(load_image_batch("synthetic", 8, img_size=32), batch)
+
+
+def test_load_image_batch_from_a_folder(tmp_path):
+    val = SyntheticShapes("val", img_size=40, num_samples=20)
+    write_image_folder(val, tmp_path / "data" / "val", val.classes)
+    (tmp_path / "data" / "val" / "disc" / "broken.png").write_bytes(b"not an image")
+    assert load_image_batch(tmp_path / "data", 30, transform=STORED_TRANSFORM).shape == (20, 3, 32, 32)  # broken one skipped
+    spread = load_image_batch(tmp_path / "data" / "val", 3, transform=STORED_TRANSFORM)  # the split folder itself
+    assert spread.shape == (3, 3, 32, 32) and not torch.equal(spread[0], spread[1])
+    with pytest.raises(FileNotFoundError, match="neither a dataset"):
+        load_image_batch(tmp_path / "nowhere", 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        load_image_batch(tmp_path / "empty", 4)
+
+
+def _trained_checkpoint(tmp_path):
+    """A 10-class model saved the way `repghost train` saves it: with its eval transform."""
+    net = randomize_bn(repghost.create_model("repghostnet_050", num_classes=10)).eval()
+    path = tmp_path / "trained.safetensors"
+    repghost.save_checkpoint(net, path, metadata={EVAL_TRANSFORM_KEY: json.dumps(STORED_TRANSFORM)})
+    return net, path
+
+
+@pytest.mark.parametrize("source", ["synthetic", "folder"])
+def test_cli_export_verifies_on_real_images(source, tmp_path, capsys):
+    net, ckpt = _trained_checkpoint(tmp_path)
+    data = "synthetic"
+    if source == "folder":
+        val = SyntheticShapes("val", img_size=48, num_samples=30)
+        data = str(write_image_folder(val, tmp_path / "images", val.classes))
+    out = tmp_path / "m.onnx"
+    rc = cli_main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out), "--verify-data", data])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    # 8 real images at the stored size (32, not the 224 default), through the stored transform
+    assert f"on 8 {data} validation images (3, 32, 32) (eval transform stored with the weights)" in printed
+    images = load_image_batch(data, 8, transform=STORED_TRANSFORM)
+    got = load_runner(out, "onnx")(images[:1].numpy())[0]
+    assert got.shape == (1, 10) and output_diff(_eager(net, images[:1]), got).max_rel <= 1e-4
+
+
+def test_cli_export_verify_data_errors_are_one_line(tmp_path, capsys):
+    _, ckpt = _trained_checkpoint(tmp_path)
+    rc = cli_main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                   "--verify-data", str(tmp_path / "no_such_folder")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "neither a dataset" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Packaging: each extra brings what its path imports
+# --------------------------------------------------------------------------------------------
+def test_extras_bring_what_each_format_requires():
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = meta["project"]["optional-dependencies"]
+
+    def names(extra):
+        return {req.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip().lower() for req in extras[extra]}
+
+    distribution = {"_tools": "mnn", "executorch.runtime": "executorch"}  # module -> the package it comes with
+    for extra, fmt in (("mnn", "mnn"), ("export", "onnx"), ("executorch", "executorch")):
+        needed = {distribution.get(m, m).lower() for m in export_module._REQUIRES[fmt]}
+        assert needed <= names(extra), (extra, needed - names(extra))
+    assert "matplotlib" in names("plot")
+    assert {"repghost[export,mnn,plot]"} == set(extras["demo"])

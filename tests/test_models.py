@@ -178,3 +178,86 @@ def test_ablation_structure():
 
 def test_direct_construction_defaults_to_1x():
     assert count_params(RepGhostNet()) == SPEC["repghostnet_100"][0]
+
+
+# ---- the ablation options change what is computed, each as the paper describes -------------------
+def _same_weights(**options):
+    """A default model and an ablated one holding the same weights (where both have them)."""
+    torch.manual_seed(0)
+    base = repghost.create_model("repghostnet_050", channels_last=False)
+    variant = repghost.create_model("repghostnet_050", channels_last=False, **options)
+    variant.load_state_dict({k: v for k, v in base.state_dict().items() if k in variant.state_dict()}, strict=False)
+    return base.eval(), variant.eval()
+
+
+def test_identity_branch_and_no_branch_differ_on_the_same_weights():
+    """reparam="identity" adds x1 to the cheap branch, "none" does not. Neither branch has
+    weights, so the two models load the same state dict and must still compute different things:
+    the module output is relu(cheap(x1) + x1) for one and relu(cheap(x1)) for the other."""
+    _, identity = _same_weights(reparam="identity")
+    _, none = _same_weights(reparam="none")
+    none.load_state_dict(identity.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = identity.forward_features(x), none.forward_features(x)
+        assert (a - b).abs().max() / a.abs().max() > 0.05
+        for model, adds_input in ((identity, True), (none, False)):
+            module = model.blocks[0][0].ghost1
+            inputs = torch.randn(1, module.primary.conv.in_channels, 16, 16)
+            x1 = module.primary(inputs)
+            expected = torch.relu(module.cheap(x1) + (x1 if adds_input else 0))
+            torch.testing.assert_close(module(inputs), expected)
+
+
+def test_relu_sits_where_relu_position_says():
+    """"post": ReLU after the sum (outputs >= 0, cheap branch may be negative before it);
+    "pre": ReLU on the cheap branch before the sum (the sum may be negative where the BN branch is)."""
+    captured = {}
+    post = repghost.create_model("repghostnet_050", channels_last=False).eval()
+    pre = repghost.create_model("repghostnet_050", channels_last=False, relu_position="pre").eval()
+    pre.load_state_dict(post.state_dict(), strict=True)
+    from conftest import randomize_bn
+
+    randomize_bn(post, seed=1)
+    randomize_bn(pre, seed=1)
+    for name, model in (("post", post), ("pre", pre)):
+        module = model.blocks[1][0].ghost1  # relu=True module
+        module.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
+        module.cheap.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name + "_cheap", o))
+        with torch.no_grad():
+            model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
+    assert post.blocks[1][0].ghost1.act is not None and post.blocks[1][0].ghost1.cheap_act is None
+    assert pre.blocks[1][0].ghost1.act is None and pre.blocks[1][0].ghost1.cheap_act is not None
+    assert captured["post"].min() >= 0  # the module output went through a ReLU
+    assert captured["pre"].min() < 0  # ReLU(cheap) + BN(x1): the BN branch can be negative
+    assert captured["pre_cheap"].min() >= 0  # pre: the cheap branch itself is rectified (in-place)
+    # ghost2 has no ReLU in either form
+    assert post.blocks[1][0].ghost2.act is None and pre.blocks[1][0].ghost2.cheap_act is None
+
+
+def test_identity_shortcut_option_adds_the_input():
+    base, no_shortcut = _same_weights(identity_shortcut=False)
+    block_base, block_no = base.blocks[2][0], no_shortcut.blocks[2][0]  # 24 -> 24, stride 1
+    x = torch.randn(1, block_base.ghost1.primary.conv.in_channels, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(block_base(x), block_no(x) + x)
+
+
+def test_dropout_is_active_only_in_training():
+    model = repghost.create_model("repghostnet_050", drop_rate=0.5, num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        features = model.forward_features(x)
+        ref = model.forward_head(features, pre_logits=True)
+        model.train()  # only the head runs below: no BatchNorm in it, so only dropout changes
+        torch.manual_seed(0)
+        dropped = model.forward_head(features, pre_logits=True)
+    alive = ref > 0
+    kept = dropped[alive] != 0
+    assert 0.4 < kept.float().mean() < 0.6  # p = 0.5 of the 1280 pre-logits dropped
+    torch.testing.assert_close(dropped[alive][kept], 2 * ref[alive][kept])  # survivors scaled by 1/(1-p)
+    no_drop = repghost.create_model("repghostnet_050", drop_rate=0.0, num_classes=10).train()
+    no_drop.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(no_drop.forward_head(features, pre_logits=True), ref)

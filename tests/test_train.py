@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +18,19 @@ import yaml
 
 import repghost
 from repghost.cli import main as cli_main
-from repghost.training.loop import NonFiniteLossError, RunDirError, resume_config, train
-from repghost.training.config import TrainConfig, load_config, resolve_lr
+from repghost.cli import build_parser
+from repghost.training.loop import (  # the public names stay importable from loop
+    NonFiniteLossError,
+    NoTrainingStepError,
+    RunDirError,
+    TrainCallbacks,
+    TrainResult,
+    resume_config,
+    train,
+    train_step,
+)
+from repghost.training.config import TrainConfig, load_config, resolve_lr, resolve_warmup
+from repghost.training.setup import configure_backends
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -31,6 +44,13 @@ def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
     values = dict(TINY, output=str(tmp_path / name))
     values.update(overrides)
     return load_config(None, values)
+
+
+def test_the_loops_public_names_and_user_errors():
+    """Importable from repghost.training.loop (benchmarks and users do); user errors print as one line."""
+    assert all(callable(f) for f in (train, train_step, resume_config, TrainResult, TrainCallbacks))
+    assert issubclass(RunDirError, ValueError) and issubclass(NoTrainingStepError, ValueError)
+    assert issubclass(NonFiniteLossError, RuntimeError)
 
 
 # ---- configs ----------------------------------------------------------------------------------
@@ -59,6 +79,152 @@ def test_config_errors():
         load_config(None, {"model": "resnet50"})
     with pytest.raises(FileNotFoundError):
         load_config("/nonexistent.yaml")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("eval_every", 0, "eval_every must be >= 1"),
+        ("log_interval", 0, "log_interval must be >= 1"),
+        ("reprob", 1.5, r"reprob must be in \[0, 1\]"),
+        ("smoothing", 1.0, r"smoothing must be in \[0, 1\)"),
+        ("hflip", -0.1, r"hflip must be in \[0, 1\]"),
+        ("momentum", 1.2, r"momentum must be in \[0, 1\)"),
+        ("weight_decay", -1e-5, "weight_decay must be >= 0"),
+        ("min_lr", -1.0, "min_lr must be >= 0"),
+        ("warmup_lr", -1.0, "warmup_lr must be >= 0"),
+        ("save_every_steps", -1, "save_every_steps must be >= 0"),
+        ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
+        ("batch_size", 1, "batch_size must be >= 2"),
+        ("scale", [0.9, 0.1], "scale must be \\[min, max\\]"),
+        ("scale", [0.5], "scale must be"),
+        ("ratio", [0.0, 1.0], "ratio must be"),
+        ("std", [0.2, 0.0, 0.2], "std must be 3 numbers > 0"),
+        ("sched", "cosinus", "unknown schedule sched='cosinus'; timm has: cosine"),
+        ("sched", "plateau", "plateau needs a metric"),
+        ("opt", "sgdd", "unknown optimizer opt='sgdd'; timm has: .*sgd"),
+        ("auto_augment", "randaugment-9", "auto_augment='randaugment-9' is not a policy timm can build"),
+        ("remode", "zeros", "remode must be one of pixel, rand, const"),
+        ("interpolation", "cubic", "interpolation must be one of random"),
+        ("epochs", 2.5, "epochs must be a whole number, got 2.5"),
+        ("amp", "yes", "amp must be true or false"),
+        ("lr", "fast", "lr must be a number"),
+        ("lr", float("nan"), "lr must be a finite number"),
+        ("max_steps_per_epoch", 0, "max_steps_per_epoch must be >= 1"),
+        ("device", "gpu", "device must be a torch device"),
+    ],
+)
+def test_every_field_is_checked_before_any_work(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, {field: value})
+
+
+def test_config_values_are_normalized():
+    # YAML 1.1 reads 1e-5 (no dot) as text; --set weight_decay=1e-5 must still mean the number
+    cfg = load_config(None, {"weight_decay": "1e-5", "lr": 1, "scale": [0.5, 1], "auto_augment": ""})
+    assert cfg.weight_decay == 1e-5 and isinstance(cfg.lr, float) and cfg.scale == [0.5, 1.0] and cfg.auto_augment is None
+
+
+def test_a_bad_value_on_the_command_line_is_one_line(tmp_path, capsys):
+    assert cli_main(["train", "--data", "synthetic", "--eval-every", "0", "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err == "repghost train: error: eval_every must be >= 1, got 0\n"
+    assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_warmup_is_cut_to_fit_a_short_run():
+    assert resolve_warmup(load_config(None, {"epochs": 2})) == 0  # the recipe's 5 warm-up epochs in a 2-epoch trial
+    assert resolve_warmup(load_config(None, {"epochs": 5})) == 1
+    assert resolve_warmup(load_config(None, {"epochs": 12, "warmup_epochs": 12})) == 3
+    assert resolve_warmup(load_config(None, {"epochs": 6})) == 5  # fits: kept as asked
+    assert resolve_warmup(load_config(None, {"epochs": 300})) == 5
+
+
+def test_cudnn_benchmark_on_cuda_unless_deterministic():
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        configure_backends(torch.device("cpu"), deterministic=False)
+        assert torch.backends.cudnn.benchmark is False
+        configure_backends(torch.device("cuda"), deterministic=False)
+        assert torch.backends.cudnn.benchmark is True
+        configure_backends(torch.device("cuda"), deterministic=True)
+        assert torch.backends.cudnn.benchmark is False and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = before
+
+
+# ---- the command line ---------------------------------------------------------------------------
+def _train_parser():
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_every_train_flag_has_help_and_every_field_a_flag(capsys):
+    parser = _train_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), action.option_strings
+    flags = {s for a in parser._actions for s in a.option_strings}
+    wanted = {
+        "-b", "-j", "--weight-decay", "--wd", "--smoothing", "--drop-rate", "--drop", "--sched", "--opt", "--momentum",
+        "--min-lr", "--warmup-lr", "--reprob", "--remode", "--recount", "--aa", "--auto-augment", "--eval-every",
+        "--log-interval", "--color-jitter", "--hflip",
+    }
+    assert wanted <= flags, wanted - flags
+    dests = {a.dest for a in parser._actions}
+    assert {f for f in TrainConfig.__dataclass_fields__} <= dests  # nothing only reachable with --set
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in wanted)
+
+
+def test_cli_flags_reach_the_run_and_progress_is_printed(tmp_path, capsys, caplog):
+    """Not on a terminal (here: captured), step lines and epoch summaries go to stdout and train.log."""
+    run = tmp_path / "run"
+    args = [
+        "train", "--data", "synthetic", "--model", "repghostnet_050", "--img-size", "32", "--synthetic-samples", "64",
+        "-b", "16", "-j", "0", "--wd", "0", "--smoothing", "0.05", "--drop", "0.1", "--sched", "step", "--opt", "momentum",
+        "--momentum", "0.8", "--min-lr", "0", "--warmup-lr", "0.001", "--reprob", "0.5", "--remode", "const",
+        "--recount", "2", "--aa", "rand-m5-mstd0.5", "--color-jitter", "0.1", "--hflip", "0.3", "--eval-every", "2",
+        "--log-interval", "3", "--epochs", "2", "--lr", "0.05", "--output", str(run),
+    ]
+    with caplog.at_level(logging.INFO, logger="repghost"):
+        assert cli_main(args) == 0  # --epochs 2 with the recipe's 5 warm-up epochs
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    expected = dict(
+        batch_size=16, workers=0, weight_decay=0.0, smoothing=0.05, drop_rate=0.1, sched="step", opt="momentum",
+        momentum=0.8, min_lr=0.0, warmup_lr=0.001, reprob=0.5, remode="const", recount=2, auto_augment="rand-m5-mstd0.5",
+        color_jitter=0.1, hflip=0.3, eval_every=2, log_interval=3, warmup_epochs=5, warmup_epochs_resolved=0,
+    )
+    assert {k: saved[k] for k in expected} == expected
+    groups = torch.load(run / "last.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert all(g["weight_decay"] == 0 and g["momentum"] == 0.8 and g["nesterov"] is False for g in groups)
+    assert "warmup_epochs=5 does not fit in a 2-epoch run: warming up for 0 epoch(s)" in caplog.text
+
+    out = capsys.readouterr().out
+    step = re.compile(r"epoch 1/2  step 3/4  loss \d+\.\d{4}  lr 0\.05  \d+ img/s  ETA \d+:\d\d")
+    assert step.search(out) and "epoch 2/2  step 4/4" in out
+    assert re.search(r"epoch 1/2 done \(\d+:\d\d\)  train loss", out) and "epoch 2/2 done" in out
+    log_text = (run / "train.log").read_text()
+    assert step.search(log_text) and "epoch 2/2 done" in log_text
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "val_top1" not in records[0] and "val_top1" in records[1]  # --eval-every 2
+    assert (run / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, caplog):
+    from repghost.training.report import write_training_plot
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 2.0}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: the import fails
+    with caplog.at_level(logging.INFO, logger="repghost"):
+        assert write_training_plot(tmp_path) is None
+    assert "pip install matplotlib" in caplog.text and not (tmp_path / "training.png").exists()
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -157,6 +323,47 @@ def test_resume_drops_records_of_epochs_the_checkpoint_had_not_finished(tmp_path
     assert lines[0] == first.strip() and records[1]["train_loss"] != 9.9
 
 
+def test_resume_keeps_its_overrides_and_says_when_the_run_is_finished(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(tmp_path, epochs=1, max_steps_per_epoch=1))
+    assert cli_main(["train", "--resume", str(run), "--epochs", "2", "--wd", "0.001", "--no-progress"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["epochs"], saved["weight_decay"]) == (2, 0.001)  # kept for the next --resume
+    groups = torch.load(run / "last.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.001]  # used, not the checkpoint's 1e-5
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(run)]) == 2  # a plain resume: nothing left to train, and it says so
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run} is finished: it trained all 2 epochs" in err
+    assert f"repghost train --resume {run} --epochs N with N > 2" in err
+    with pytest.raises(RunDirError, match="has already trained 2 epochs; --epochs 1 is fewer"):
+        train(resume_config(str(run), {"epochs": 1}), resume=True)
+    # Killed after its last epoch but before final.json: a resume writes the final files only.
+    (run / "final.json").unlink()
+    result = train(resume_config(str(run)), resume=True)
+    assert result.epochs_run == 0 and (run / "final.json").is_file()
+
+
+def test_resume_refuses_to_change_the_runs_model_or_data(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(tmp_path, epochs=1, max_steps_per_epoch=1))
+    for key, value in [
+        ("model", "repghostnet_100"), ("num_classes", 5), ("data", "imagefolder"), ("data_root", str(tmp_path)),
+        ("img_size", 64), ("synthetic_samples", 256), ("mean", [0.5, 0.5, 0.5]),
+    ]:
+        with pytest.raises(RunDirError, match=f"resuming {run} cannot change {key} .*model and data are fixed"):
+            resume_config(str(run), {key: value, "epochs": 2})
+    # Through the library, with a config made by hand: the same message, not a size-mismatch traceback,
+    # also when config.yaml is gone (the checkpoint says which model it holds).
+    with pytest.raises(RunDirError, match="cannot change model"):
+        train(tiny(tmp_path, model="repghostnet_100", epochs=2), resume=True)
+    (run / "config.yaml").unlink()
+    with pytest.raises(RunDirError, match="cannot change model"):
+        train(tiny(tmp_path, model="repghostnet_100", epochs=2), resume=True)
+    assert not (run / "config.yaml").exists()  # refused before anything was written
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train(tiny(tmp_path, epochs=1))
     before = (tmp_path / "run" / "last.pth").read_bytes()
@@ -194,6 +401,39 @@ def test_num_classes_mismatch_and_pretrained_reset(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         train(tiny(tmp_path, "b", epochs=1, pretrained=str(source), max_steps_per_epoch=1))
     assert "classifier reset" in caplog.text
+
+
+def test_an_epoch_without_a_step_is_an_error_not_an_untrained_model(tmp_path):
+    from repghost.training.data import SyntheticShapes, write_image_folder
+
+    # Fewer images than one batch (drop_last): refused before any work.
+    with pytest.raises(ValueError, match="has 20 images, fewer than one batch \\(32\\).*Lower --batch-size"):
+        train(tiny(tmp_path, "small", synthetic_samples=20))
+    assert not (tmp_path / "small" / "config.yaml").exists()
+    # Every training image unreadable: the epoch makes no step; nothing is saved.
+    val = SyntheticShapes("val", num_samples=10, img_size=32)
+    write_image_folder(val, tmp_path / "data" / "val", val.classes)
+    for i in range(16):
+        folder = tmp_path / "data" / "train" / val.classes[i % 10]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.png").write_bytes(b"\x89PNG not an image")
+    with pytest.raises(NoTrainingStepError, match="epoch 1 made no optimizer step: all 16 images it read were unreadable"):
+        train(tiny(tmp_path, "broken", data="imagefolder", data_root=str(tmp_path / "data"), batch_size=8))
+    left = {p.name for p in (tmp_path / "broken").iterdir()}
+    assert not left & {"last.pth", "best.pth", "deploy.safetensors", "final.json", "metrics.jsonl"}, left
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_run_files_get_the_users_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        train(tiny(tmp_path, epochs=1, max_steps_per_epoch=1))
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+    names = ["last.pth", "best.pth", "deploy.safetensors", "final.json", "config.yaml", "metrics.jsonl", "train.log", "training.png"]
+    assert {n: oct(os.stat(run / n).st_mode & 0o777) for n in names} == {n: oct(mode) for n in names}
+    assert not list(run.glob(".*.tmp"))
 
 
 def test_empty_imagefolder_is_a_clear_error(tmp_path):

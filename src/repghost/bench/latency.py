@@ -1,18 +1,32 @@
 """Batch-1 CPU latency of RepGhostNet and public baselines in several runtimes.
 
 Method (shared/spec/benchmarks.md): batch 1, float32, the same number of threads in every runtime
-(1 by default), eval mode, no grad; every exported model is verified against eager PyTorch before
-it is timed (:func:`repghost.export.export_model`); then, runtime by runtime, after a warm-up every
-model is run once per round, in a freshly shuffled order each round, so load changes on a shared
-machine hit all of them alike. Reported per pair: median, p10 and p90 of the samples, and the ratio to a
-reference model in the same runtime and run (ratio of medians, and the median of the per-round
-ratios, which is the steadier of the two).
+(1 by default), eval mode, no grad; every exported or compiled model is verified against eager
+PyTorch before it is timed (:func:`repghost.deploy.verify.verify_runner`); then, runtime by
+runtime, after a warm-up every model is run once per round, in a freshly shuffled order each
+round, so load changes on a shared machine hit all of them alike. Reported per pair: median, p10
+and p90 of the samples, and the ratio to a reference model in the same runtime and run: the
+median of the per-round ratios (:func:`paired_ratio`, the figure to read) and the ratio of
+medians.
 
-Model keys (:func:`parse_model`): ``repghostnet_100`` is this project's model in deploy form
-(fully folded, channels_last as ``create_model`` builds it); options ``:train`` (train form) and
-``:nchw``/``:cl`` (memory format) may follow. ``timm:NAME`` is a timm model with random weights,
-re-parameterized with ``timm.utils.reparameterize_model`` when it has re-param branches
-(RepGhostNet, MobileOne, GhostNetV3; ``:train`` skips that), NCHW unless ``:cl``.
+Model keys (:func:`parse_model`), ``[timm:]NAME[:train][:shipped][:nchw|:cl]``:
+
+* ``repghostnet_100``: this project's model in deploy form (every conv-BN pair folded, no
+  BatchNorm left), channels_last, as ``create_model`` + ``reparameterize_model`` give it.
+* ``timm:NAME``: a timm model with random weights, given **the same treatment** as ours:
+  ``timm.utils.model.reparameterize_model`` (its own re-param folding; a no-op for models without
+  re-param branches), then every conv-BN pair folded (:func:`fold_conv_bn`, checked against the
+  unfolded model), then channels_last. Architecture comparisons rest on these keys only.
+* ``timm:NAME:shipped``: the timm model **as timm ships it**: only timm's own
+  ``reparameterize_model``, BatchNorms kept, NCHW. Shown beside the equal-treatment figure, it
+  says what a timm user gets out of the box; it is not an architecture comparison.
+* ``:train``: the train form (nothing re-parameterized or folded; for timm models, not even timm's
+  own re-parameterization).
+* ``:nchw`` / ``:cl``: override the memory format (default: channels_last, NCHW for ``:shipped``).
+
+In eager PyTorch the treatment decides much of the latency (every BatchNorm is an op, and the CPU
+depthwise kernels are much faster channels_last); ONNX Runtime and MNN fold BatchNorms themselves,
+so there the two timm figures come out close.
 """
 
 from __future__ import annotations
@@ -35,40 +49,46 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..files import atomic_write
 from ..deploy.export import (
-    EXPORT_TOLERANCE,
     SUFFIXES,
-    ExportVerificationError,
+    MissingRuntimeError,
     export_model,
     load_runner,
     require_format,
     runtime_versions,
+    with_torch_threads,
 )
+from ..deploy.verify import EXPORT_TOLERANCE, Runner, as_numpy_list, verify_runner
 from ..create import create_model
 from ..models import list_models
 from .published import SOURCES, published_accuracy
-from ..reparam import reparameterize_model
-from ..deploy.verify import output_diff
+from ..reparam import fold_batchnorm, reparameterize_model
 
 __all__ = [
     "RUNTIMES",
     "DEFAULT_RUNTIMES",
     "DEFAULT_MODELS",
+    "MODEL_KEY_SYNTAX",
     "ModelSpec",
     "Measurement",
     "BenchmarkResult",
     "parse_model",
+    "describe_model",
+    "fold_conv_bn",
     "build_model",
     "check_runtimes",
     "prepare_runner",
     "time_interleaved",
     "time_in_phases",
+    "paired_ratio",
     "run_benchmark",
     "environment",
     "markdown_table",
+    "require_plotting",
     "plot_accuracy_latency",
     "write_results",
 ]
@@ -76,7 +96,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-Runner = Callable[[np.ndarray], object]
 
 # eager: the nn.Module; torchscript: traced, frozen and optimize_for_inference'd (PyTorch's
 # fastest path without a compiler); compile: torch.compile (inductor; needs a C++ compiler and
@@ -84,20 +103,31 @@ Runner = Callable[[np.ndarray], object]
 RUNTIMES = ("eager", "torchscript", "compile", "onnxruntime", "mnn", "executorch")
 DEFAULT_RUNTIMES = ("eager", "onnxruntime", "mnn")
 _EXPORT_FORMAT = {"torchscript": "torchscript", "onnxruntime": "onnx", "mnn": "mnn", "executorch": "executorch"}
-# timm families whose models carry re-param branches to fold before timing.
-TIMM_REPARAM_PREFIXES = ("repghostnet", "mobileone", "ghostnetv3")
+_OPTIONS = ("train", "shipped", "nchw", "cl")
+# One line per key form, for `repghost bench --help` (the module docstring says the same at length).
+MODEL_KEY_SYNTAX = (
+    "NAME = this project's model, deploy form (every conv-BN pair folded), channels_last; "
+    "timm:NAME = timm's model given the same treatment (timm's own reparameterize_model, every "
+    "conv-BN pair folded, channels_last): compare architectures on these; "
+    "timm:NAME:shipped = as timm ships it (only timm's reparameterize_model, BatchNorm kept, NCHW); "
+    ":train = train form, nothing folded; :nchw / :cl = memory format"
+)
 DEFAULT_MODELS = (
     "repghostnet_100",
     "repghostnet_100:train",
     "repghostnet_100:nchw",
     "timm:repghostnet_100",
+    "timm:repghostnet_100:shipped",
     "repghostnet_050",
     "timm:repghostnet_050",
     "timm:ghostnet_050",
+    "timm:ghostnet_050:shipped",
     "timm:ghostnet_100",
+    "timm:ghostnet_100:shipped",
     "timm:ghostnet_130",
     "timm:mobilenetv3_small_100",
     "timm:mobilenetv3_large_075",
+    "timm:mobilenetv3_large_075:shipped",
     "timm:mobilenetv3_large_100",
     "timm:ghostnetv3_100",
     "timm:mobileone_s0",
@@ -116,10 +146,11 @@ class ModelSpec:
     arch: str
     train_form: bool
     channels_last: bool
+    shipped: bool = False  # timm only: as timm ships it (no conv-BN folding of ours)
 
 
 def parse_model(key: str) -> ModelSpec:
-    """Parse ``[timm:]NAME[:train][:nchw|:cl]`` (see the module docstring)."""
+    """Parse ``[timm:]NAME[:train][:shipped][:nchw|:cl]`` (see the module docstring)."""
     parts = key.split(":")
     source = "repghost"
     if parts[0] == "timm":
@@ -127,9 +158,16 @@ def parse_model(key: str) -> ModelSpec:
     if not parts or not parts[0]:
         raise ValueError(f"model key {key!r} names no model; e.g. repghostnet_100, repghostnet_100:train, timm:ghostnet_100")
     arch, options = parts[0], parts[1:]
-    unknown = [o for o in options if o not in ("train", "nchw", "cl")]
-    if unknown or ("nchw" in options and "cl" in options):
-        raise ValueError(f"model key {key!r}: options are :train and one of :nchw / :cl, got {options}")
+    unknown = [o for o in options if o not in _OPTIONS]
+    if unknown or len(set(options)) != len(options) or ("nchw" in options and "cl" in options):
+        raise ValueError(
+            f"model key {key!r}: options are :train, :shipped (timm models) and one of :nchw / :cl, got {options}"
+        )
+    if source == "repghost" and "shipped" in options:
+        raise ValueError(
+            f"model key {key!r}: :shipped is for timm models; this project's models ship as {arch} "
+            "(deploy form, channels_last) already"
+        )
     if source == "repghost" and arch not in list_models():
         raise ValueError(
             f"unknown model {arch!r} in {key!r}; this project's models: {', '.join(list_models())}; "
@@ -140,52 +178,158 @@ def parse_model(key: str) -> ModelSpec:
 
         if not timm.is_model(arch):
             raise ValueError(f"timm has no model {arch!r} (from {key!r}); see timm.list_models()")
-    channels_last = ("cl" in options) or (source == "repghost" and "nchw" not in options)
-    return ModelSpec(key, source, arch, "train" in options, channels_last)
+    shipped = "shipped" in options
+    channels_last = "cl" in options or ("nchw" not in options and not shipped)
+    return ModelSpec(key, source, arch, "train" in options, channels_last, shipped)
 
 
-def build_model(spec: ModelSpec, *, seed: int = 0) -> nn.Module:
-    """The model a spec names, with random weights, in eval mode and in the form to be timed."""
+def describe_model(spec: ModelSpec) -> str:
+    """How a spec's model is built, in words (for reports)."""
+    layout = "channels_last" if spec.channels_last else "NCHW"
+    if spec.source == "repghost":
+        form = "train form" if spec.train_form else "deploy form (every conv-BN pair folded)"
+        return f"repghost {spec.arch}, {form}, {layout}"
+    if spec.train_form:
+        form = "train form, nothing folded"
+    elif spec.shipped:
+        form = "as timm ships it (timm's reparameterize_model only, BatchNorm kept)"
+    else:
+        form = "timm's reparameterize_model, then every conv-BN pair folded (same treatment as repghost)"
+    return f"timm {spec.arch}, {form}, {layout}"
+
+
+class _ConvBNTracer(fx.Tracer):
+    """torch.fx tracer that keeps every BatchNorm (timm's BatchNormAct2d included) a single node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _bn_replacement(bn: nn.Module) -> Optional[nn.Module]:
+    """What is left of a BatchNorm once folded into the conv before it (None: not foldable)."""
+    if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return nn.Identity()
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    if type(bn) is BatchNormAct2d:  # batch_norm, then drop, then act
+        return nn.Sequential(bn.drop, bn.act)  # type: ignore[arg-type]
+    return None
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def fold_conv_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold every BatchNorm that directly follows a conv into that conv; returns the model.
+
+    Works on any model torch.fx can trace (every timm baseline here: GhostNet, MobileNetV3,
+    RepGhostNet, MobileOne, GhostNetV3), with BatchNorm leaves kept whole so that timm's
+    ``BatchNormAct2d`` folds too (its activation stays, as its own module). A pair is folded when
+    the conv's only consumer is the BatchNorm and each is called once. The model's class and
+    forward are kept (modules are replaced in place: the BatchNorm becomes ``nn.Identity``), so it
+    exports like the unfolded one. Eval-mode statistics are used: call it on an eval model.
+    Models without BatchNorm are returned as they are (not traced).
+    """
+    if not inplace:
+        import copy
+
+        model = copy.deepcopy(model)
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return model
+    try:
+        graph = _ConvBNTracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: cannot fold this model
+        raise ValueError(
+            f"cannot fold the conv-BN pairs of {type(model).__name__}: torch.fx cannot trace it ({exc})"
+        ) from exc
+    modules = dict(model.named_modules())
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
+            continue
+        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules[src.target], nn.Conv2d)):
+            continue
+        if len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1:
+            pairs.append((src.target, node.target))
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = modules[conv_name], modules[bn_name]
+            replacement = _bn_replacement(bn)
+            if replacement is None or bn.num_features != conv.out_channels:  # type: ignore[union-attr]
+                continue
+            weight, bias = fold_batchnorm(conv.weight, conv.bias, bn)  # type: ignore[arg-type]
+            conv.weight = nn.Parameter(weight)  # type: ignore[union-attr]
+            conv.bias = nn.Parameter(bias)  # type: ignore[union-attr]
+            _set_submodule(model, bn_name, replacement)
+    left = sum(isinstance(m, _BatchNorm) for m in model.modules())
+    log.debug("folded %d conv-BN pairs of %s; %d BatchNorm left", len(pairs), type(model).__name__, left)
+    return model
+
+
+def _torch_runner(module: nn.Module) -> Runner:
+    @torch.no_grad()
+    def run(x: np.ndarray):
+        return as_numpy_list(module(torch.from_numpy(x)))
+
+    return run
+
+
+def build_model(
+    spec: ModelSpec,
+    *,
+    seed: int = 0,
+    input_size: Sequence[int] = (3, 224, 224),
+    tolerance: float = EXPORT_TOLERANCE,
+) -> nn.Module:
+    """The model a spec names, with random weights, in eval mode and in the form to be timed.
+
+    For the equal treatment (``timm:NAME``), the folded channels_last model is checked against
+    the unfolded one on a random ``input_size`` batch; beyond ``tolerance`` (scale-relative) it
+    raises :class:`~repghost.deploy.verify.ExportVerificationError`.
+    """
     torch.manual_seed(seed)
     if spec.source == "repghost":
         model = create_model(spec.arch, channels_last=spec.channels_last)
         if not spec.train_form:
             model = reparameterize_model(model, inplace=True)
-    else:
-        import timm
-        from timm.utils.model import reparameterize_model as timm_reparameterize
+        return model.eval()
+    import timm
+    from timm.utils.model import reparameterize_model as timm_reparameterize
 
-        model = timm.create_model(spec.arch, pretrained=False)
-        if not spec.train_form and spec.arch.startswith(TIMM_REPARAM_PREFIXES):
-            model = timm_reparameterize(model)  # returns a folded copy; the original is dropped
-        if spec.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-    return model.eval()
+    model = timm.create_model(spec.arch, pretrained=False).eval()
+    if not spec.train_form:
+        model = timm_reparameterize(model)  # a folded copy (a no-op for models without re-param branches)
+    if spec.train_form or spec.shipped:
+        return (model.to(memory_format=torch.channels_last) if spec.channels_last else model).eval()
+    folded = fold_conv_bn(model, inplace=False)
+    if spec.channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
+    x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(seed))
+    verify_runner(_torch_runner(folded), model, x, f"{spec.key} with its conv-BN pairs folded", tolerance)
+    return folded.eval()
 
 
 # --------------------------------------------------------------------------------------------
 # Runners
 # --------------------------------------------------------------------------------------------
 def check_runtimes(runtimes: Sequence[str]) -> None:
-    """``ValueError`` for unknown runtimes, :class:`~repghost.export.MissingRuntimeError` for
-    uninstalled ones: checked before any model is built, not after minutes of exports."""
+    """``ValueError`` for unknown runtimes, :class:`~repghost.deploy.export.MissingRuntimeError`
+    for uninstalled ones: checked before any model is built, not after minutes of exports."""
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown or not runtimes:
         raise ValueError(f"unknown runtime(s) {unknown or '(none given)'}; valid runtimes: {', '.join(RUNTIMES)}")
     for runtime in runtimes:
         if runtime in _EXPORT_FORMAT:
             require_format(_EXPORT_FORMAT[runtime])
-
-
-def _check_same(run: Runner, model: nn.Module, x: np.ndarray, what: str, tolerance: float) -> float:
-    """Compare a torch-side runner (frozen, compiled) with the eager model; return max_rel."""
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x))
-        got = run(x)
-    diff = output_diff(expected, got)
-    if not diff.max_rel <= tolerance:
-        raise ExportVerificationError(f"{what} differs from eager PyTorch ({diff}; tolerance {tolerance:g})")
-    return diff.max_rel
 
 
 def prepare_runner(
@@ -200,27 +344,20 @@ def prepare_runner(
 ) -> Tuple[Runner, float]:
     """Make ``run(x)`` for ``model`` in ``runtime``, verified against eager; returns it and max_rel.
 
-    Exports go to ``work_dir`` as ``name`` + the format's suffix.
+    Exports go to ``work_dir`` as ``name`` + the format's suffix. Every runner returns the
+    outputs as numpy arrays and runs with ``threads`` threads; the process's torch thread count
+    is not changed (torch-side runners switch to ``threads`` for a call when it differs; the
+    timing functions' callers set it for the whole timing instead).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; valid runtimes: {', '.join(RUNTIMES)}")
-    torch.set_num_threads(threads)
-    x = np.random.default_rng(1).standard_normal((1, *input_size), dtype=np.float32)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, *input_size), dtype=np.float32))
     if runtime == "eager":
-
-        @torch.no_grad()
-        def run_eager(inputs: np.ndarray) -> torch.Tensor:
-            return model(torch.from_numpy(inputs))
-
-        return run_eager, 0.0
+        return with_torch_threads(_torch_runner(model), threads), 0.0
     if runtime == "compile":
-        compiled = torch.compile(model)
-
-        @torch.no_grad()
-        def run_compiled(inputs: np.ndarray) -> torch.Tensor:
-            return compiled(torch.from_numpy(inputs))
-
-        return run_compiled, _check_same(run_compiled, model, x, "torch.compile", tolerance)
+        # Compiled on the first call, i.e. in the verification, with ``threads`` threads.
+        run_compiled = with_torch_threads(_torch_runner(torch.compile(model)), threads)
+        return run_compiled, verify_runner(run_compiled, model, x, "torch.compile", tolerance).max_rel
 
     fmt = _EXPORT_FORMAT[runtime]
     path = os.path.join(work_dir, name + SUFFIXES[fmt])
@@ -234,12 +371,9 @@ def prepare_runner(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.load(path).eval()))
-
-    @torch.no_grad()
-    def run_frozen(inputs: np.ndarray) -> torch.Tensor:
-        return frozen(torch.from_numpy(inputs))
-
-    return run_frozen, max(report.max_rel, _check_same(run_frozen, model, x, "frozen TorchScript", tolerance))
+    run_frozen = with_torch_threads(_torch_runner(frozen), threads)
+    diff = verify_runner(run_frozen, model, x, "frozen TorchScript", tolerance)
+    return run_frozen, max(report.max_rel, diff.max_rel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +440,22 @@ def time_in_phases(
     return samples
 
 
+def paired_ratio(samples: Sequence[float], ref_samples: Sequence[float]) -> float:
+    """Median over rounds of ``samples[r] / ref_samples[r]``: the latency ratio of two models timed
+    in the same rounds (a load change during round r slows both, and cancels in its ratio).
+
+    This is the ratio every report reads (benchmark tables, ``benchmarks/model_speed.py``); it is
+    not the ratio of the medians. Raises ``ValueError`` unless both hold the same number (>= 1)
+    of positive samples.
+    """
+    a, b = np.asarray(samples, dtype=np.float64), np.asarray(ref_samples, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired samples must be two equally long, non-empty lists, got {a.shape} and {b.shape}")
+    if not (np.all(a > 0) and np.all(b > 0)):
+        raise ValueError("latency samples must be positive")
+    return float(np.median(a / b))
+
+
 @dataclass
 class Measurement:
     """Latency of one model in one runtime (milliseconds)."""
@@ -338,8 +488,7 @@ class BenchmarkResult:
 
     def ratio(self, model: str, reference: str, runtime: str) -> float:
         """Median over rounds of latency(model) / latency(reference), both from this run."""
-        a, b = self.get(model, runtime).samples_ms, self.get(reference, runtime).samples_ms
-        return float(np.median(np.asarray(a) / np.asarray(b)))
+        return paired_ratio(self.get(model, runtime).samples_ms, self.get(reference, runtime).samples_ms)
 
     def to_dict(self) -> Dict[str, object]:
         return dict(
@@ -401,8 +550,9 @@ def run_benchmark(
     ``models`` are keys for :func:`parse_model`; ``reference`` (default: the first model) is what
     ratios are taken against. Exports are written to ``work_dir`` (default: a temporary folder,
     removed afterwards). Raises ``ValueError`` for unknown models/runtimes and
-    :class:`~repghost.export.ExportVerificationError` if an export does not match eager PyTorch.
-    The process's torch thread count is restored afterwards.
+    :class:`~repghost.deploy.verify.ExportVerificationError` if an export (or a folded baseline)
+    does not match eager PyTorch. The torch thread count is set to ``threads`` only while timing,
+    and the caller's count is restored afterwards.
     """
     specs = [parse_model(k) for k in models]
     if len({s.key for s in specs}) != len(specs):
@@ -425,7 +575,7 @@ def run_benchmark(
         errors: Dict[Tuple[str, str], float] = {}
         total, done = len(specs) * len(runtimes), 0
         for spec in specs:
-            model = build_model(spec, seed=seed)
+            model = build_model(spec, seed=seed, input_size=input_size)
             for runtime in runtimes:
                 run, max_rel = prepare_runner(
                     model, runtime, input_size=input_size, threads=threads, work_dir=work, name=_slug(spec.key)
@@ -468,6 +618,7 @@ def run_benchmark(
         environment=env,
         settings=dict(
             models=[s.key for s in specs],
+            treatments={s.key: describe_model(s) for s in specs},
             runtimes=list(runtimes),
             threads=threads,
             input_shape=[1, *input_size],
@@ -480,8 +631,7 @@ def run_benchmark(
         measurements=measurements,
     )
     for m in measurements:
-        ref = result.get(reference, m.runtime)
-        m.ratio = m.median_ms / ref.median_ms
+        m.ratio = m.median_ms / result.get(reference, m.runtime).median_ms
         m.paired_ratio = result.ratio(m.model, reference, m.runtime)
     return result
 
@@ -512,6 +662,10 @@ def markdown_table(result: BenchmarkResult) -> str:
             cells.append(f"{m.median_ms:.2f} [{m.p10_ms:.2f}-{m.p90_ms:.2f}]")
             cells.append(f"{m.paired_ratio:.2f}" if m.paired_ratio is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    treatments = result.settings.get("treatments") or {}
+    if treatments:
+        lines += ["", "Models (compare architectures only between models given the same treatment):"]
+        lines += [f"- `{key}`: {treatments[key]}" for key in models if key in treatments]  # type: ignore[index,operator]
     sources = sorted({m.top1_source for m in result.measurements if m.top1_source})
     if sources:
         lines += ["", "Top-1: published ImageNet-1k accuracy, from " + "; ".join(sources) + "."]
@@ -522,14 +676,31 @@ def _series(spec: ModelSpec) -> str:
     """Plot series: the architecture family, split by who built it and in which form."""
     family = published_accuracy(spec.arch).family  # type: ignore[union-attr]
     if spec.source == "timm":
-        return f"{family} (timm)" if family == "RepGhostNet" else family
+        name = f"{family} (timm)" if family == "RepGhostNet" else family
+        if spec.train_form:
+            return f"{name}, train form"
+        return f"{name}, as timm ships it" if spec.shipped else name
     variant = ["train form" if spec.train_form else "", "" if spec.channels_last else "NCHW"]
     extra = ", ".join(v for v in variant if v)
     return f"{family} (repghost{', ' + extra if extra else ''})"
 
 
+def require_plotting() -> None:
+    """Raise :class:`~repghost.deploy.export.MissingRuntimeError` (one line: what to install) when
+    matplotlib, which the plots need, cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingRuntimeError(
+            f"plots need matplotlib, which could not be imported ({exc}); install it: pip install 'repghost[plot]'"
+        ) from exc
+
+
 def plot_accuracy_latency(result: BenchmarkResult, path: os.PathLike | str) -> Path:
-    """Write a PNG: published top-1 vs measured median latency, one panel per runtime."""
+    """Write a PNG: published top-1 vs measured median latency, one panel per runtime.
+
+    Needs matplotlib (:func:`require_plotting` says how to install it)."""
+    require_plotting()
     import matplotlib
 
     matplotlib.use("Agg")  # no display; never opens a window
@@ -575,10 +746,14 @@ def plot_accuracy_latency(result: BenchmarkResult, path: os.PathLike | str) -> P
 def write_results(
     result: BenchmarkResult, out_dir: os.PathLike | str, *, stem: str = "benchmark", plot: bool = True
 ) -> Dict[str, Path]:
-    """Write ``{stem}.json``, ``{stem}.md`` and (with ``plot``) ``{stem}.png`` into ``out_dir``."""
+    """Write ``{stem}.json``, ``{stem}.md`` and (with ``plot``) ``{stem}.png`` into ``out_dir``.
+
+    With ``plot``, matplotlib must be installed (checked before anything is written)."""
     out = Path(out_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {out}")
+    if plot:
+        require_plotting()
     paths = {
         "json": atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2))),
         "markdown": atomic_write(out / f"{stem}.md", lambda tmp: Path(tmp).write_text(markdown_table(result))),

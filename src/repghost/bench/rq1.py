@@ -162,6 +162,21 @@ class RQ1Result:
                 return r.median_us
         raise KeyError(f"no row for {shape} {runtime} {op}")
 
+    def net_ratio(self, shape: Tuple[int, int, int], runtime: str, op: str, ref_op: str) -> Optional[float]:
+        """``op``'s median over ``ref_op``'s, each net of the ``overhead`` op's median (the runtime's
+        cost to feed and fetch a tensor of that size); ``None`` when either net time is below half
+        the overhead, too close to it for one call to resolve.
+
+        A ratio of medians, not :func:`~repghost.bench.latency.paired_ratio`: a single round's
+        net time can be <= 0 at these sizes, so per-round net ratios are not defined.
+        """
+        overhead = self.median(shape, runtime, "overhead")
+        net = self.median(shape, runtime, op) - overhead
+        net_ref = self.median(shape, runtime, ref_op) - overhead
+        if min(net, net_ref) < 0.5 * overhead:
+            return None
+        return net / net_ref
+
     def network_totals(self) -> Dict[str, Dict[str, float]]:
         """Per runtime and op: sum over shapes of count x median (us), i.e. one network's worth."""
         totals: Dict[str, Dict[str, float]] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..models import config as C
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="params and MACs of every width, both forms, checked against the paper")
@@ -17,6 +19,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output .safetensors path")
     p.add_argument("--model", default=None, help="model name (inferred from the file when omitted)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
+    variant = p.add_argument_group(
+        "variant", "state the ablation variant where the file does not record it (an option that "
+        "contradicts the file is an error)"
+    )
+    variant.add_argument("--reparam", choices=C.REPARAM_BRANCHES, default=None, help="the re-param branch it was trained with")
+    variant.add_argument("--no-identity-shortcut", dest="identity_shortcut", action="store_const", const=False,
+                         default=None, help="trained without the identity shortcut")
+    variant.add_argument("--relu-position", choices=C.RELU_POSITIONS, default=None, help="where the module's ReLU sits")
+    variant.add_argument("--no-se", dest="se", action="store_const", const=False, default=None, help="trained without squeeze-excite")
     p.set_defaults(run=cmd_convert)
 
 # --------------------------------------------------------------------------------------------
@@ -78,10 +89,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..deploy.convert import convert_checkpoint
 
-    report = convert_checkpoint(args.input, args.output, model_name=args.model, use_ema=not args.no_ema)
+    stated = {k: getattr(args, k) for k in ("reparam", "identity_shortcut", "relu_position", "se")}
+    options = {k: v for k, v in stated.items() if v is not None}
+    report = convert_checkpoint(args.input, args.output, model_name=args.model, use_ema=not args.no_ema, **options)
     weights = f", weights '{report.weights}'" if report.weights else ""
     print(f"read     {report.source} ({report.layout} layout{weights})")
-    print(f"model    {report.model_name}, {report.config.num_classes} classes")
+    cfg = report.config
+    print(
+        f"model    {report.model_name}, {cfg.num_classes} classes (reparam={cfg.reparam}, "
+        f"identity_shortcut={cfg.identity_shortcut}, se={cfg.se}, relu_position={cfg.relu_position})"
+    )
     print(f"checked  deployed vs source logits on a random batch: {report.diff}")
     print(f"wrote    {report.output} (deploy form, safetensors, no BatchNorm)")
     return 0

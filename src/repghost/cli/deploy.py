@@ -10,44 +10,73 @@ from typing import Callable, Dict
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from ..bench.latency import DEFAULT_MODELS, DEFAULT_RUNTIMES, RUNTIMES
+    from ..bench.latency import DEFAULT_MODELS, DEFAULT_RUNTIMES, MODEL_KEY_SYNTAX, RUNTIMES
     from ..deploy.export import FORMATS, MAX_OPSET, MIN_OPSET
+    from ..training.data import DATASETS
 
     p = sub.add_parser("export", help="export a checkpoint (folded) to ONNX/TorchScript/MNN/ExecuTorch and verify it")
     p.add_argument("--checkpoint", required=True, help="checkpoint of any supported layout (train or deploy form)")
     p.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--model", default=None, help="model name (inferred from the file when omitted)")
-    p.add_argument("--img-size", type=int, default=224, help="input height and width (default 224)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input height and width (default: the size stored with the weights, else 224)")
     p.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis (onnx, mnn)")
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET}-{MAX_OPSET} (default {MIN_OPSET})")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
+    p.add_argument(
+        "--verify-data", default=None, metavar="DATASET|DIR",
+        help=f"verify on real validation images instead of random noise: a dataset ({', '.join(DATASETS)}; "
+        "as `repghost train --data` takes it) or a folder of images (its val/ subfolder when it has one); "
+        "the images go through the eval transform stored with the weights",
+    )
+    p.add_argument("--verify-data-root", default=None, metavar="DIR",
+                   help="where --verify-data's dataset lives (as `repghost train --data-root`)")
+    p.add_argument("--verify-count", type=int, default=8, help="how many images --verify-data checks (default 8)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser(
         "bench",
         help="batch-1 CPU latency of RepGhostNet and baselines, interleaved, in several runtimes",
         description=(
-            "Model keys: NAME (this project's model, deploy form, channels_last), NAME:train, "
-            "NAME:nchw, timm:NAME (timm, random weights, re-parameterized where it has re-param "
-            "branches), timm:NAME:train, ...:cl. With --rq1, times the module outputs of research "
-            "question 1 (concat vs add) at the network's real feature shapes instead."
+            "Times every model in every runtime, interleaved and shuffled round by round, after "
+            "verifying each exported or compiled model against eager PyTorch. "
+            f"Model keys, [timm:]NAME[:train][:shipped][:nchw|:cl]: {MODEL_KEY_SYNTAX}. "
+            "Architecture claims rest on the same-treatment figures (NAME vs timm:NAME); the "
+            ":shipped figures show what each library gives out of the box. "
+            "With --rq1, times the module outputs of research question 1 (concat vs add) at the "
+            "network's real feature shapes instead."
         ),
     )
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="KEY")
+    p.add_argument(
+        "--models", nargs="+", default=None, metavar="KEY",
+        help=f"model keys (see above; default: {' '.join(DEFAULT_MODELS)})",
+    )
     p.add_argument("--runtimes", nargs="+", default=list(DEFAULT_RUNTIMES), choices=RUNTIMES, metavar="RUNTIME",
                    help=f"any of {', '.join(RUNTIMES)} (default: {' '.join(DEFAULT_RUNTIMES)})")
     p.add_argument("--reference", default=None, help="model the ratios are taken against (default: the first)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads in every runtime (default 1)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=224,
+                   help="input height and width, batch 1, 3 channels (default 224); with --rq1, the size "
+                   "at which the network's feature shapes are taken")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 100; 30 with --rq1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per model first (default 10; 3 with --rq1)")
     p.add_argument("--out", default=None, help="folder for benchmark.json/.md/.png (rq1.json with --rq1)")
-    p.add_argument("--no-plot", action="store_true", help="skip the accuracy-vs-latency PNG")
+    p.add_argument("--no-plot", action="store_true", help="skip the accuracy-vs-latency PNG (needs matplotlib)")
     p.add_argument("--keep-exports", default=None, metavar="DIR", help="keep the exported models in DIR")
-    p.add_argument("--rq1", action="store_true", help="research question 1 micro-benchmark")
+    p.add_argument(
+        "--rq1", action="store_true",
+        help="research question 1 micro-benchmark; uses --runtimes, --threads, --img-size, --rounds, "
+        f"--warmup, --out and --rq1-model, and ignores {', '.join(_RQ1_IGNORES)}",
+    )
     p.add_argument("--rq1-model", default="repghostnet_100", help="model whose RepGhost shapes --rq1 uses")
     p.set_defaults(run=cmd_bench)
+
+
+# bench options that --rq1 does not use: (flag, attribute, value when not given)
+_RQ1_IGNORED = (("--models", "models", None), ("--reference", "reference", None),
+                ("--no-plot", "no_plot", False), ("--keep-exports", "keep_exports", None))
+_RQ1_IGNORES = [flag for flag, _, _ in _RQ1_IGNORED]
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,24 +85,39 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..checkpoint import model_from_checkpoint
     from ..deploy.export import EXPORT_TOLERANCE, export_model
+    from ..deploy.verify import load_image_batch
 
+    if args.verify_count < 1:
+        raise ValueError(f"--verify-count must be >= 1, got {args.verify_count}")
     model, ckpt = model_from_checkpoint(args.checkpoint, model_name=args.model, use_ema=not args.no_ema)
     weights = f", weights '{ckpt.source}'" if ckpt.source else ""
     print(f"read      {ckpt.path} ({ckpt.layout} layout{weights})")
+    stored = ckpt.eval_transform()
+    img_size = args.img_size or int(stored.get("img_size", 224))  # type: ignore[arg-type]
+    inputs = None
+    if args.verify_data is not None:
+        inputs = load_image_batch(
+            args.verify_data, args.verify_count, root=args.verify_data_root, transform=stored, img_size=img_size
+        )
+        if inputs.shape[1] != model.cfg.in_chans:
+            raise ValueError(f"the model takes {model.cfg.in_chans} input channels, the images have {inputs.shape[1]}")
     report = export_model(
         model,
         args.out,
         args.fmt,
-        input_size=(model.cfg.in_chans, args.img_size, args.img_size),
+        input_size=(model.cfg.in_chans, img_size, img_size),
         dynamic_batch=args.dynamic_batch,
         opset=args.opset,
+        inputs=inputs,
     )
     batch = "dynamic batch, " if report.dynamic_batch else ""
     print(f"exported  {report.path} ({report.format}, {batch}{report.size_bytes / 1e6:.1f} MB, deploy form)")
-    print(
-        f"verified  {report.verified_with} vs eager PyTorch on a random {tuple(report.input_shape)} batch: "
-        f"{report.diff} (tolerance {EXPORT_TOLERANCE:g} relative)"
-    )
+    if inputs is None:
+        on = f"a random {tuple(report.input_shape)} batch"
+    else:
+        origin = "stored with the weights" if stored else "published"
+        on = f"{len(inputs)} {args.verify_data} validation images {tuple(report.input_shape)[1:]} (eval transform {origin})"
+    print(f"verified  {report.verified_with} vs eager PyTorch on {on}: {report.diff} (tolerance {EXPORT_TOLERANCE:g} relative)")
     print(f"took      {report.seconds:.1f} s")
     return 0
 
@@ -105,11 +149,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise NotADirectoryError(f"--out must be a folder, and {args.out} is a file")
     if args.rq1:
+        given = [flag for flag, attr, unset in _RQ1_IGNORED if getattr(args, attr) != unset]
+        if given:
+            print(f"repghost bench: warning: --rq1 ignores {', '.join(given)}", file=sys.stderr)
         return _bench_rq1(args)
-    from ..bench.latency import markdown_table, run_benchmark, write_results
+    from ..bench.latency import DEFAULT_MODELS, markdown_table, require_plotting, run_benchmark, write_results
 
+    if args.out is not None and not args.no_plot:
+        require_plotting()  # before minutes of timing, not after
     result = run_benchmark(
-        args.models,
+        args.models if args.models is not None else list(DEFAULT_MODELS),
         args.runtimes,
         reference=args.reference,
         threads=args.threads,
@@ -125,15 +174,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for kind, path in write_results(result, args.out, plot=not args.no_plot).items():
             print(f"wrote     {path} ({kind})")
     return 0
-
-
-def _ratio(a: float, b: float, overhead: float) -> str:
-    """a/b net of the per-call overhead, or '-' when either is within half an overhead of it
-    (below what one call can resolve: the difference is mostly feeding and fetching tensors)."""
-    na, nb = a - overhead, b - overhead
-    if min(na, nb) < 0.5 * overhead:
-        return "-"
-    return f"{na / nb:.2f}"
 
 
 def _bench_rq1(args: argparse.Namespace) -> int:
@@ -167,9 +207,9 @@ def _bench_rq1(args: argparse.Namespace) -> int:
         for runtime in runtimes:
             t = {op: result.median((c, h, w), runtime, op) for op in OPS}
             line = f"{f'{c}x{h}x{w}':>14} {n:>2} {runtime:>12} " + "".join(f"{t[op]:>16.1f}" for op in OPS)
-            line += f"{_ratio(t['repghost_deploy'], t['ghost_concat'], t['overhead']):>14}"
-            line += f"{_ratio(t['repghost_train'], t['repghost_deploy'], t['overhead']):>14}"
-            line += f"{_ratio(t['add'], t['concat'], t['overhead']):>12}"
+            for op, ref_op, width in (("repghost_deploy", "ghost_concat", 14), ("repghost_train", "repghost_deploy", 14), ("add", "concat", 12)):
+                ratio = result.net_ratio((c, h, w), runtime, op, ref_op)
+                line += f"{'-' if ratio is None else f'{ratio:.2f}':>{width}}"
             print(line)
     print("\nOne network's worth (sum of count x median, us):")
     for runtime, totals in result.network_totals().items():

@@ -39,15 +39,19 @@ def convert_checkpoint(
     use_ema: bool = True,
     input_size: Sequence[int] = (3, 224, 224),
     seed: int = 0,
+    **options: object,
 ) -> ConvertReport:
     """Load ``source`` (any supported layout), fold it fully, check the logits, write ``output``.
 
-    The model is inferred from the file (metadata, else tensor shapes); ``model_name`` asserts
-    it. The deployed model's outputs are compared with the source model's on a random batch and
+    The model is inferred from the file (metadata, else the model name it records and its tensor
+    shapes); ``model_name`` asserts the width and ``options`` (``reparam``,
+    ``identity_shortcut``, ``se``, ``relu_position``) state the variant where the file does not
+    tell it (a plain state dict without a re-param BN branch: 'identity' or 'none'); an option
+    that contradicts the file is a ``CheckpointError``. The deployed model's outputs are compared with the source model's on a random batch and
     the conversion fails (writing nothing) if the scale-relative error exceeds
     ``CONVERT_TOLERANCE``.
     """
-    reference, ckpt = model_from_checkpoint(source, model_name=model_name, use_ema=use_ema)
+    reference, ckpt = model_from_checkpoint(source, model_name=model_name, use_ema=use_ema, **options)
     cfg = reference.cfg
     found = C.model_name_for_width(cfg.width) or f"width {cfg.width}"
     deployed = reparameterize_model(reference, inplace=False)

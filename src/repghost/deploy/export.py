@@ -3,12 +3,17 @@
 Formats: ``onnx`` (checked with ONNX Runtime), ``torchscript`` (``torch.jit.load``), ``mnn``
 (ONNX converted by MNN's own converter, checked with MNN's interpreter) and ``executorch``
 (XNNPACK-delegated ``.pte``, checked with the ExecuTorch runtime). Every export is re-run on a
-random batch in the target runtime and compared with the eager model; a scale-relative error above
+random batch (or on the real images given, e.g. from :func:`~repghost.deploy.verify.load_image_batch`)
+in the target runtime and compared with the eager model; a scale-relative error above
 the tolerance raises :class:`ExportVerificationError` and leaves no output file (the file is
 written next to its destination and renamed only after it passed).
 
-The runtime adapters (:func:`load_runner`) are shared with :mod:`repghost.benchmark`, so what is
-timed is exactly what was verified.
+The runtime adapters (:func:`load_runner`) are shared with :mod:`repghost.bench.latency`, so what
+is timed is exactly what was verified; the comparison itself is
+:func:`repghost.deploy.verify.verify_runner`, also used for the benchmark's frozen and compiled
+models. Nothing here changes the process's torch thread count: a TorchScript runner made for N
+threads switches to N only while it runs and switches back (an export inside a training script
+leaves training's threads as they were).
 """
 
 from __future__ import annotations
@@ -23,16 +28,24 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_write
+from ..files import PathLike, atomic_write
 from ..models.layers import Classifier
 from ..reparam import reparameterize_model
-from .verify import OutputDiff, output_diff
+from .verify import (
+    EXPORT_TOLERANCE,
+    ExportVerificationError,
+    OutputDiff,
+    Runner,
+    as_numpy_list,
+    output_diff,
+    verify_runner,
+)
 
 __all__ = [
     "FORMATS",
@@ -40,23 +53,20 @@ __all__ = [
     "ExportReport",
     "ExportVerificationError",
     "MissingRuntimeError",
+    "Runner",
     "export_model",
     "verify_export",
     "load_runner",
     "require_format",
     "runtime_versions",
+    "with_torch_threads",
 ]
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
-# A loaded exported model: one NCHW float32 batch in, the model's outputs out (as numpy arrays).
-Runner = Callable[[np.ndarray], List[np.ndarray]]
 
 FORMATS = ("onnx", "torchscript", "mnn", "executorch")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "mnn": ".mnn", "executorch": ".pte"}
-# fp32 kernels in other runtimes sum in other orders; past this the export is not the model.
-EXPORT_TOLERANCE = 1e-4
 # opset 17 is the oldest this exporter is verified with; 20 is the newest the TorchScript-based
 # exporter writes (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET).
 MIN_OPSET, MAX_OPSET = 17, 20
@@ -77,10 +87,6 @@ _INSTALL_HINTS = {
 
 class MissingRuntimeError(ImportError):
     """An optional package needed for a format or runtime is not installed; says what to install."""
-
-
-class ExportVerificationError(ValueError):
-    """The exported file's outputs differ from the eager model's beyond the tolerance."""
 
 
 @dataclass(frozen=True)
@@ -205,17 +211,37 @@ def _mnn_runner(path: str, threads: int) -> Runner:
     return run
 
 
+def with_torch_threads(run: Callable[[np.ndarray], List[np.ndarray]], threads: int) -> Runner:
+    """``run`` made to execute with ``threads`` torch threads, restoring the caller's count after.
+
+    torch's thread count is process-wide: a runner that set it and left it would change it for
+    the rest of the program. When the count already is ``threads`` (as while the benchmark times,
+    which sets it once for the whole timing), the wrapper only reads it.
+    """
+
+    def run_with_threads(x: np.ndarray) -> List[np.ndarray]:
+        saved = torch.get_num_threads()
+        if saved == threads:
+            return run(x)
+        torch.set_num_threads(threads)
+        try:
+            return run(x)
+        finally:
+            torch.set_num_threads(saved)
+
+    return run_with_threads
+
+
 def _torchscript_runner(path: str, threads: int) -> Runner:
-    torch.set_num_threads(threads)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_JIT_DEPRECATED)
         module = torch.jit.load(path, map_location="cpu").eval()
 
     @torch.no_grad()
     def run(x: np.ndarray) -> List[np.ndarray]:
-        return _as_numpy_list(module(torch.from_numpy(x)))
+        return as_numpy_list(module(torch.from_numpy(x)))
 
-    return run
+    return with_torch_threads(run, threads)
 
 
 def _executorch_runner(path: str, threads: int) -> Runner:
@@ -228,7 +254,7 @@ def _executorch_runner(path: str, threads: int) -> Runner:
     method = runtime_module.Runtime.get().load_program(path).load_method("forward")
 
     def run(x: np.ndarray) -> List[np.ndarray]:
-        return _as_numpy_list(method.execute([torch.from_numpy(x)]))
+        return as_numpy_list(method.execute([torch.from_numpy(x)]))
 
     return run
 
@@ -261,6 +287,8 @@ def load_runner(path: PathLike, fmt: str, *, threads: int = 1) -> Runner:
     """Load an exported file in its runtime with ``threads`` CPU threads; returns ``run(x)``.
 
     ``run`` takes one float32 NCHW numpy batch and returns the model's outputs as numpy arrays.
+    The process's torch thread count is left as it is (a TorchScript runner uses ``threads`` only
+    while it runs).
     """
     _check_format(fmt)
     if not isinstance(threads, int) or threads < 1:
@@ -357,8 +385,8 @@ def _warn_if_insensitive(model: nn.Module, check: torch.Tensor) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            got = _as_numpy_list(model(check))
-            zero = _as_numpy_list(model(torch.zeros_like(check)))
+            got = as_numpy_list(model(check))
+            zero = as_numpy_list(model(torch.zeros_like(check)))
     finally:
         model.train(was_training)
     if max(output_diff(z, g).max_rel for z, g in zip(zero, got)) < 1e-6:
@@ -404,21 +432,6 @@ def _check_format(fmt: str) -> None:
         raise ValueError(f"unknown export format {fmt!r}; valid formats: {', '.join(FORMATS)}")
 
 
-def _as_numpy_list(outputs: object) -> List[np.ndarray]:
-    if isinstance(outputs, torch.Tensor):
-        return [outputs.detach().cpu().numpy()]
-    if isinstance(outputs, (list, tuple)):
-        return [o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs]
-    raise TypeError(f"expected a tensor or a list of tensors from the model, got {type(outputs).__name__}")
-
-
-def _compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> OutputDiff:
-    if len(reference) != len(candidate):
-        raise ExportVerificationError(f"the export returns {len(candidate)} outputs, the model {len(reference)}")
-    diffs = [output_diff(r, c) for r, c in zip(reference, candidate, strict=True)]
-    return OutputDiff(max_abs=max(d.max_abs for d in diffs), max_rel=max(d.max_rel for d in diffs))
-
-
 def verify_export(
     path: PathLike,
     fmt: str,
@@ -426,27 +439,16 @@ def verify_export(
     inputs: torch.Tensor,
     *,
     tolerance: float = EXPORT_TOLERANCE,
+    batch: Optional[int] = None,
 ) -> OutputDiff:
     """Run the exported file on ``inputs`` in its runtime and compare with ``reference`` (eager).
 
+    ``batch``: at most this many images per call (a file exported with a static batch size).
     Raises :class:`ExportVerificationError` when the scale-relative error exceeds ``tolerance``
     (or is not finite); returns the difference otherwise. ``reference`` runs in eval mode.
     """
-    was_training = reference.training
-    reference.eval()
-    try:
-        with torch.no_grad():
-            expected = _as_numpy_list(reference(inputs))
-    finally:
-        reference.train(was_training)
-    got = load_runner(path, fmt)(np.ascontiguousarray(inputs.detach().cpu().numpy(), dtype=np.float32))
-    diff = _compare(expected, got)
-    if not diff.max_rel <= tolerance:
-        raise ExportVerificationError(
-            f"the {fmt} export's outputs differ from eager PyTorch ({diff}; tolerance {tolerance:g} "
-            f"relative) in {_RUNNERS[fmt][0]}: the exported model is not the same function"
-        )
-    return diff
+    what = f"the {fmt} export (run in {_RUNNERS[fmt][0]})" if fmt in _RUNNERS else fmt
+    return verify_runner(load_runner(path, fmt), reference, inputs, what, tolerance, batch=batch)
 
 
 def export_model(
@@ -464,9 +466,11 @@ def export_model(
 ) -> ExportReport:
     """Fold ``model`` for inference, export it to ``out_path`` as ``fmt``, and verify the file.
 
-    ``inputs``: a batch to verify with instead of random noise (e.g. real validation images,
-    for a trained model whose activations die on noise); its shape sets ``input_size``. When the
-    model's outputs do not depend on the verification inputs, a warning says the check is weak.
+    ``inputs``: a batch to verify with instead of random noise (e.g. real validation images from
+    :func:`repghost.deploy.verify.load_image_batch`, for a trained model whose activations die on
+    noise); its shape sets ``input_size``, and every image of it is checked (one per call when the
+    file has a static batch size). When the model's outputs do not depend on the verification
+    inputs, a warning says the check is weak.
 
     The model is re-parameterized on a copy (``reparameterize_model(model, inplace=False)``; a
     no-op for models without RepGhost/re-param parts; ``reparameterize=False`` exports it as it is,
@@ -497,9 +501,9 @@ def export_model(
             raise ValueError(f"inputs must be an (N, C, H, W) batch, got shape {tuple(inputs.shape)}")
         input_size = tuple(inputs.shape[1:])
         example = inputs[:1].detach().float().contiguous()
-        check = inputs[: 2 if dynamic_batch else 1].detach().float().contiguous()
+        check = inputs.detach().float().contiguous()
         if dynamic_batch and check.shape[0] < 2:
-            check = check.repeat(2, 1, 1, 1)
+            check = check.repeat(2, 1, 1, 1)  # a dynamic batch axis is checked at batch > 1
     else:
         example = torch.randn(1, *input_size, generator=generator)
         check = torch.randn(2 if dynamic_batch else 1, *input_size, generator=generator)
@@ -508,10 +512,12 @@ def export_model(
 
     def write(tmp: str) -> None:
         with torch.no_grad():
-            n_outputs = len(_as_numpy_list(prepared(example)))
+            n_outputs = len(as_numpy_list(prepared(example)))
         _WRITERS[fmt](prepared, tmp, example, opset=opset, dynamic_batch=dynamic_batch, n_outputs=n_outputs)
         # Compared with the model as given (not the folded copy), so a folding error shows too.
-        holder["diff"] = verify_export(tmp, fmt, model, check, tolerance=tolerance)
+        # A static-batch file is fed the check images one at a time.
+        batch = None if dynamic_batch else example.shape[0]
+        holder["diff"] = verify_export(tmp, fmt, model, check, tolerance=tolerance, batch=batch)
 
     prepared.eval()
     path = atomic_write(out_path, write)

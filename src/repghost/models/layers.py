@@ -133,7 +133,7 @@ class Classifier(nn.Linear):
     """The linear classifier, applied to the pooled ``(N, C, 1, 1)`` map (or to ``(N, C)``).
 
     Parameters and keys are ``nn.Linear``'s. Taking the pooled map lets an exporter write it as a
-    1x1 convolution before the final flatten (:mod:`repghost.export` does), so the graph ends in a
+    1x1 convolution before the final flatten (:mod:`repghost.deploy.export` does), so the graph ends in a
     Conv instead of Flatten + Gemm, which ONNX Runtime and MNN keep in their blocked conv layout.
     """
 

@@ -3,22 +3,32 @@
 The defaults are the recipe of ``shared/spec/training-recipe.md`` (global batch 1024 = 8 GPUs x
 128). ``batch_size`` is per process; the learning rate is ``lr_base`` scaled linearly from
 ``lr_base_batch`` to the global batch unless ``lr`` is set explicitly.
+
+Every field is checked when a :class:`TrainConfig` is made (type and range; optimizer, schedule
+and augmentation names are asked of timm), so a bad value is one clear ``ValueError`` before any
+work, not an exception in the middle of a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
+from ..files import atomic_write
 from .data import DATASETS
 from ..models import config as C
 
-__all__ = ["TrainConfig", "load_config", "resolve_lr", "save_config"]
+__all__ = ["TrainConfig", "load_config", "resolve_lr", "resolve_warmup", "save_config", "timm_schedules"]
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")  # timm's str_to_pil_interp names
+ERASE_MODES = ("pixel", "rand", "const")  # timm's RandomErasing modes
 
 
 @dataclass
@@ -60,7 +70,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-5  # only on weights with ndim > 1
     sched: str = "cosine"
-    warmup_epochs: int = 5
+    warmup_epochs: int = 5  # cut to fit runs too short for it (resolve_warmup)
     warmup_lr: float = 1e-4
     min_lr: float = 1e-5
     smoothing: float = 0.1
@@ -92,28 +102,179 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.model not in C.WIDTHS:
-            raise ValueError(f"unknown model {self.model!r}; valid: {', '.join(C.WIDTHS)}")
-        if self.data not in DATASETS:
-            raise ValueError(f"unknown dataset {self.data!r}; valid: {', '.join(DATASETS)}")
-        for name in ("epochs", "batch_size", "img_size", "lr_base_batch"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise ValueError(f"clip_grad must be > 0, got {self.clip_grad}")
+        """Check (and normalize: ints to floats, ``"1e-5"`` to 1e-5) every field; ``ValueError`` if bad."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked_type(f.name, f.type, getattr(self, f.name)))
+        _check_ranges(self)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _checked_type(name: str, annotation: Any, value: Any) -> Any:
+    text = str(annotation)
+    optional = text.startswith("Optional[")
+    kind = text[len("Optional[") : -1] if optional else text
+    if value is None or (optional and kind == "str" and value == ""):
+        if optional:
+            return None
+        raise ValueError(f"{name} must be set (got null)")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if kind == "float":
+        return _number(name, value)
+    if kind == "str":
+        if isinstance(value, str) and value.strip():
+            return value
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if kind == "List[float]":
+        if isinstance(value, (list, tuple)):
+            return [_number(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        raise ValueError(f"{name} must be a list of numbers, got {value!r}")
+    raise TypeError(f"no check for field {name} of type {text}")  # a new field needs a kind here
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    else:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
+
+    if cfg.model not in C.WIDTHS:
+        raise ValueError(f"unknown model {cfg.model!r}; valid: {', '.join(C.WIDTHS)}")
+    if cfg.data not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.data!r}; valid: {', '.join(DATASETS)}")
+    for name in ("epochs", "img_size", "lr_base_batch", "recount", "eval_every", "log_interval"):
+        need(getattr(cfg, name) >= 1, name, ">= 1")
+    need(cfg.batch_size >= 2, "batch_size", ">= 2 (BatchNorm trains on at least 2 images per batch)")
+    for name in ("workers", "save_every_steps", "warmup_epochs", "seed"):
+        need(getattr(cfg, name) >= 0, name, ">= 0")
+    for name in ("num_classes", "synthetic_samples", "max_steps_per_epoch"):
+        need(getattr(cfg, name) is None or getattr(cfg, name) >= 1, name, ">= 1 (or null)")
+    for name in ("lr", "clip_grad"):
+        need(getattr(cfg, name) is None or getattr(cfg, name) > 0, name, "> 0 (or null)")
+    need(cfg.lr_base > 0, "lr_base", "> 0")
+    for name in ("weight_decay", "warmup_lr", "min_lr", "color_jitter"):
+        need(getattr(cfg, name) >= 0, name, ">= 0")
+    for name in ("hflip", "reprob"):
+        need(0 <= getattr(cfg, name) <= 1, name, "in [0, 1]")
+    for name in ("smoothing", "drop_rate", "momentum", "ema_decay"):
+        need(0 <= getattr(cfg, name) < 1, name, "in [0, 1)")
+    need(0 < cfg.crop_pct <= 1, "crop_pct", "in (0, 1]")
+    need(len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1] <= 1, "scale", "[min, max] with 0 < min <= max <= 1")
+    need(len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1], "ratio", "[min, max] with 0 < min <= max")
+    need(len(cfg.mean) == 3, "mean", "3 numbers (R, G, B)")
+    need(len(cfg.std) == 3 and all(s > 0 for s in cfg.std), "std", "3 numbers > 0 (R, G, B)")
+    need(cfg.interpolation in ("random",) + INTERPOLATIONS, "interpolation", f"one of random, {', '.join(INTERPOLATIONS)}")
+    need(cfg.eval_interpolation in INTERPOLATIONS, "eval_interpolation", f"one of {', '.join(INTERPOLATIONS)}")
+    need(cfg.remode in ERASE_MODES, "remode", f"one of {', '.join(ERASE_MODES)}")
+    if cfg.device is not None:
+        import torch
+
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device must be a torch device such as cpu, cuda or cuda:1, got {cfg.device!r}") from None
+    _check_optimizer(cfg.opt)
+    _check_schedule(cfg.sched)
+    if cfg.auto_augment is not None:
+        _check_auto_augment(cfg.auto_augment)
+    if cfg.compile:
+        _check_compile_backend(cfg.compile_backend)
+
+
+def _check_optimizer(opt: str) -> None:
+    from timm.optim import list_optimizers
+
+    name = opt.lower()
+    name = name[len("lookahead_") :] if name.startswith("lookahead_") else name
+    if name not in list_optimizers():
+        raise ValueError(f"unknown optimizer opt={opt!r}; timm has: {', '.join(list_optimizers())}")
+
+
+# Names timm's create_scheduler_v2 has had; which of them this timm knows is asked of timm.
+_SCHEDULE_NAMES = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant", "none", "plateau")
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_knows_schedule(name: str) -> bool:
+    import torch
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    try:
+        create_scheduler_v2(optimizer, sched=name, num_epochs=10)
+    except ValueError:  # "Unknown scheduler"
+        return False
+    return True
+
+
+def timm_schedules() -> Tuple[str, ...]:
+    """The learning-rate schedules this loop can use: timm's, less ``plateau`` (it needs a metric)."""
+    return tuple(n for n in _SCHEDULE_NAMES if n != "plateau" and _timm_knows_schedule(n))
+
+
+def _check_schedule(sched: str) -> None:
+    if sched == "plateau":
+        raise ValueError(f"sched=plateau needs a metric at every step, which this loop does not pass; use one of {', '.join(timm_schedules())}")
+    if not _timm_knows_schedule(sched):
+        raise ValueError(f"unknown schedule sched={sched!r}; timm has: {', '.join(timm_schedules())}")
+
+
+def _check_auto_augment(policy: str) -> None:
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    hparams = dict(translate_const=100, img_mean=(124, 116, 104))
+    try:  # the dispatch of timm's create_transform
+        if policy.startswith("rand"):
+            rand_augment_transform(policy, hparams)
+        elif policy.startswith("augmix"):
+            augment_and_mix_transform(policy, dict(hparams, translate_pct=0.3))
+        else:
+            auto_augment_transform(policy, hparams)
+    except Exception as exc:  # noqa: BLE001 - timm raises assertion, key and value errors alike
+        raise ValueError(
+            f"auto_augment={policy!r} is not a policy timm can build (e.g. rand-m9-mstd0.5, augmix-m5-w4-d2, "
+            f"original, v0, 3a): {type(exc).__name__} {exc}"
+        ) from None
+
+
+def _check_compile_backend(backend: str) -> None:
+    import torch
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"unknown compile_backend {backend!r}; torch has: {', '.join(known)}")
+
+
+# --------------------------------------------------------------------------------------------
+# loading, resolving, saving
+# --------------------------------------------------------------------------------------------
 def _field_names() -> List[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -145,7 +306,20 @@ def resolve_lr(cfg: TrainConfig, world_size: int) -> float:
     return cfg.lr_base * cfg.batch_size * world_size / cfg.lr_base_batch
 
 
+def resolve_warmup(cfg: TrainConfig) -> int:
+    """The warm-up epochs the schedule uses: ``warmup_epochs``, cut down when the run is too short.
+
+    A warm-up as long as the run (the recipe's 5 epochs in a 2-epoch trial) would spend the whole
+    run below the learning rate; it becomes a quarter of the run, rounded down (0 for runs of 1-3
+    epochs, 1 for 4-7, ...). A warm-up shorter than the run is kept as asked.
+    """
+    if cfg.warmup_epochs < cfg.epochs:
+        return cfg.warmup_epochs
+    return cfg.epochs // 4
+
+
 def save_config(cfg: TrainConfig, path: Union[str, os.PathLike], extra: Optional[Mapping[str, Any]] = None) -> None:
     data = cfg.to_dict()
     data.update(extra or {})
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    text = yaml.safe_dump(data, sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["DistContext", "init_distributed", "all_reduce_sum", "barrier", "shutdown", "ShardSampler", "SkipSampler"]
+__all__ = [
+    "DistContext",
+    "init_distributed",
+    "all_reduce_sum",
+    "all_ranks_agree",
+    "all_gather_objects",
+    "barrier",
+    "shutdown",
+    "ShardSampler",
+    "SkipSampler",
+]
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,28 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """``True`` on every rank if ``flag`` is true on every rank, else ``False`` on every rank.
+
+    A decision that decides whether a rank enters a collective (here: whether to train on a batch)
+    must be the same on all ranks, or the ranks that go ahead wait for the others forever.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    votes = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+    return int(votes.item()) == dist.get_world_size()
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` outside a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def barrier() -> None:
