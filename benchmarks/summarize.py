@@ -45,8 +45,10 @@ def main() -> int:
             f"{paired(s, a, b, 'onnxruntime'):.3f} | {median(s, a, 'mnn'):.2f} / {median(s, b, 'mnn'):.2f} | {paired(s, a, b, 'mnn'):.3f} |"
         )
 
+    eager, s_eager = load(root / "eager" / "benchmark.json")
     data, s = load(root / "main" / "benchmark.json")
-    runtimes = data["settings"]["runtimes"]
+    s = {**s_eager, **s}
+    runtimes = eager["settings"]["runtimes"] + data["settings"]["runtimes"]
     claims = [
         ("RepGhostNet 0.5x / GhostNet 0.5x", "repghostnet_050", "timm:ghostnet_050", "~0.80 (20% faster)"),
         ("RepGhostNet 1.0x / MobileNetV3-L 0.75x", "repghostnet_100", "timm:mobilenetv3_large_075", "~0.86 (14% faster)"),
@@ -57,10 +59,19 @@ def main() -> int:
         ("RepGhostNet 0.5x ours / timm's port", "repghostnet_050", "timm:repghostnet_050", "-"),
         ("RepGhostNet 1.0x ours / timm's port", "repghostnet_100", "timm:repghostnet_100", "-"),
     ]
+    shipped = [  # eager only: what a timm user gets out of the box (not an architecture comparison)
+        ("RepGhostNet 0.5x / GhostNet 0.5x as timm ships it", "repghostnet_050", "timm:ghostnet_050:shipped"),
+        ("RepGhostNet 1.0x / MobileNetV3-L 0.75x as timm ships it", "repghostnet_100", "timm:mobilenetv3_large_075:shipped"),
+        ("RepGhostNet 1.0x / GhostNet 1.0x as timm ships it", "repghostnet_100", "timm:ghostnet_100:shipped"),
+        ("RepGhostNet 1.0x ours / timm's port as timm ships it", "repghostnet_100", "timm:repghostnet_100:shipped"),
+    ]
     out += ["", "### Latency ratios, batch 1, 1 thread (< 1: the first model is faster)", "",
             "| comparison | paper (ARM, MNN) | " + " | ".join(runtimes) + " |", "|---|---|" + "---|" * len(runtimes)]
     for label, a, b, paper in claims:
         out.append(f"| {label} | {paper} | " + " | ".join(f"{paired(s, a, b, r):.2f}" for r in runtimes) + " |")
+    out += ["", "| eager PyTorch, against the shipped model | ratio |", "|---|---|"]
+    for label, a, b in shipped:
+        out.append(f"| {label} | {paired(s, a, b, 'eager'):.2f} |")
 
     data, s = load(root / "forms" / "benchmark.json")
     runtimes = data["settings"]["runtimes"]

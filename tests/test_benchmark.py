@@ -15,10 +15,10 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repghost
+from repghost.reparam import fold_conv_bn
 from repghost.bench.latency import (
     DEFAULT_MODELS,
     build_model,
-    fold_conv_bn,
     markdown_table,
     paired_ratio,
     parse_model,

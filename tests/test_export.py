@@ -204,13 +204,13 @@ def test_weak_verification_is_reported_and_real_inputs_can_be_given(tmp_path, ca
     dead = repghost.create_model("repghostnet_050", num_classes=10).eval()
     with torch.no_grad():  # every final feature ReLU'd to zero: logits are the classifier bias
         dead.final_conv.bn.bias.fill_(-1e3)
-    with caplog.at_level("WARNING", logger="repghost.export"):
+    with caplog.at_level("WARNING", logger="repghost.deploy.export"):
         export_model(dead, tmp_path / "dead.onnx", "onnx", input_size=SIZE)
     assert "export check is weak" in caplog.text
     caplog.clear()
     live = repghost.create_model("repghostnet_050", num_classes=10).eval()
     images = torch.rand(3, 3, 48, 40)
-    with caplog.at_level("WARNING", logger="repghost.export"):
+    with caplog.at_level("WARNING", logger="repghost.deploy.export"):
         report = export_model(live, tmp_path / "live.onnx", "onnx", inputs=images, dynamic_batch=True)
     assert "weak" not in caplog.text
     assert report.input_shape == (3, 3, 48, 40) and report.diff.max_rel < 1e-4  # every given image

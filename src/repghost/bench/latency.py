@@ -15,7 +15,7 @@ Model keys (:func:`parse_model`), ``[timm:]NAME[:train][:shipped][:nchw|:cl]``:
   BatchNorm left), channels_last, as ``create_model`` + ``reparameterize_model`` give it.
 * ``timm:NAME``: a timm model with random weights, given **the same treatment** as ours:
   ``timm.utils.model.reparameterize_model`` (its own re-param folding; a no-op for models without
-  re-param branches), then every conv-BN pair folded (:func:`fold_conv_bn`, checked against the
+  re-param branches), then every conv-BN pair folded (:func:`repghost.reparam.fold_conv_bn`, checked against the
   unfolded model), then channels_last. Architecture comparisons rest on these keys only.
 * ``timm:NAME:shipped``: the timm model **as timm ships it**: only timm's own
   ``reparameterize_model``, BatchNorms kept, NCHW. Shown beside the equal-treatment figure, it
@@ -49,8 +49,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import nn
 
 from ..files import atomic_write
 from ..deploy.export import (
@@ -66,7 +65,7 @@ from ..deploy.verify import EXPORT_TOLERANCE, Runner, as_numpy_list, verify_runn
 from ..create import create_model
 from ..models import list_models
 from .published import SOURCES, published_accuracy
-from ..reparam import fold_batchnorm, reparameterize_model
+from ..reparam import fold_conv_bn, reparameterize_model
 
 __all__ = [
     "RUNTIMES",
@@ -78,7 +77,6 @@ __all__ = [
     "BenchmarkResult",
     "parse_model",
     "describe_model",
-    "fold_conv_bn",
     "build_model",
     "check_runtimes",
     "prepare_runner",
@@ -196,83 +194,6 @@ def describe_model(spec: ModelSpec) -> str:
     else:
         form = "timm's reparameterize_model, then every conv-BN pair folded (same treatment as repghost)"
     return f"timm {spec.arch}, {form}, {layout}"
-
-
-class _ConvBNTracer(fx.Tracer):
-    """torch.fx tracer that keeps every BatchNorm (timm's BatchNormAct2d included) a single node."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
-
-
-def _bn_replacement(bn: nn.Module) -> Optional[nn.Module]:
-    """What is left of a BatchNorm once folded into the conv before it (None: not foldable)."""
-    if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        return nn.Identity()
-    try:
-        from timm.layers import BatchNormAct2d
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    if type(bn) is BatchNormAct2d:  # batch_norm, then drop, then act
-        return nn.Sequential(bn.drop, bn.act)  # type: ignore[arg-type]
-    return None
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def fold_conv_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Fold every BatchNorm that directly follows a conv into that conv; returns the model.
-
-    Works on any model torch.fx can trace (every timm baseline here: GhostNet, MobileNetV3,
-    RepGhostNet, MobileOne, GhostNetV3), with BatchNorm leaves kept whole so that timm's
-    ``BatchNormAct2d`` folds too (its activation stays, as its own module). A pair is folded when
-    the conv's only consumer is the BatchNorm and each is called once. The model's class and
-    forward are kept (modules are replaced in place: the BatchNorm becomes ``nn.Identity``), so it
-    exports like the unfolded one. Eval-mode statistics are used: call it on an eval model.
-    Models without BatchNorm are returned as they are (not traced).
-    """
-    if not inplace:
-        import copy
-
-        model = copy.deepcopy(model)
-    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
-        return model
-    try:
-        graph = _ConvBNTracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means: cannot fold this model
-        raise ValueError(
-            f"cannot fold the conv-BN pairs of {type(model).__name__}: torch.fx cannot trace it ({exc})"
-        ) from exc
-    modules = dict(model.named_modules())
-    calls: Dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
-            continue
-        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules[src.target], nn.Conv2d)):
-            continue
-        if len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1:
-            pairs.append((src.target, node.target))
-    with torch.no_grad():
-        for conv_name, bn_name in pairs:
-            conv, bn = modules[conv_name], modules[bn_name]
-            replacement = _bn_replacement(bn)
-            if replacement is None or bn.num_features != conv.out_channels:  # type: ignore[union-attr]
-                continue
-            weight, bias = fold_batchnorm(conv.weight, conv.bias, bn)  # type: ignore[arg-type]
-            conv.weight = nn.Parameter(weight)  # type: ignore[union-attr]
-            conv.bias = nn.Parameter(bias)  # type: ignore[union-attr]
-            _set_submodule(model, bn_name, replacement)
-    left = sum(isinstance(m, _BatchNorm) for m in model.modules())
-    log.debug("folded %d conv-BN pairs of %s; %d BatchNorm left", len(pairs), type(model).__name__, left)
-    return model
 
 
 def _torch_runner(module: nn.Module) -> Runner:

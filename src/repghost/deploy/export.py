@@ -531,5 +531,6 @@ def export_model(
         seconds=time.perf_counter() - started,
         size_bytes=path.stat().st_size,
     )
-    log.info("exported %s to %s (%s in %s)", fmt, path, report.diff, report.verified_with)
+    # DEBUG: callers report it (the export CLI prints it; the benchmark exports dozens of files).
+    log.debug("exported %s to %s (%s in %s)", fmt, path, report.diff, report.verified_with)
     return report
