@@ -277,3 +277,42 @@ def test_bad_metadata_config_is_a_clear_error(tmp_path):
     save_file(tensors, str(path), metadata={"format": "repghost", "form": "train", "config": '{"width": 0.5, "colour": 1}'})
     with pytest.raises(CheckpointError, match="metadata 'config' is not a valid RepGhostNet configuration"):
         repghost.create_model("repghostnet_050", pretrained=path)
+
+
+def test_create_model_fresh_head_from_the_authors_deploy_file(tmp_path, timm_bn):
+    """An authors' deploy-form (branch-folded) file into a deploy model with other classes: a fresh
+    head and a warning, as for every other layout, not an error telling the caller to do what
+    they did."""
+    from timm.utils.model import reparameterize_model as timm_reparameterize
+
+    path = tmp_path / "deploy.pth"
+    torch.save(timm_reparameterize(timm_bn).state_dict(), path)
+    model = repghost.create_model("repghostnet_050", pretrained=path, deploy=True, num_classes=10).eval()
+    assert model.num_classes == 10 and repghost.model_form(model) == "deploy"
+    with torch.no_grad():
+        full = repghost.create_model("repghostnet_050", pretrained=path, deploy=True).eval()
+        torch.testing.assert_close(model.forward_head(model.forward_features(X), pre_logits=True),
+                                   full.forward_head(full.forward_features(X), pre_logits=True))
+    report = repghost.load_checkpoint(
+        repghost.create_model("repghostnet_050", deploy=True, num_classes=10), path, strict_classifier=False
+    )
+    assert report.classifier_reset
+    with pytest.raises(CheckpointError, match="classes"):
+        repghost.load_checkpoint(repghost.create_model("repghostnet_050", deploy=True, num_classes=10), path)
+
+
+def test_create_model_says_what_it_assumes_for_a_file_that_records_nothing(tmp_path, timm_bn, caplog):
+    path = tmp_path / "plain.pth"
+    torch.save(timm_bn.state_dict(), path)
+    with caplog.at_level(logging.INFO, logger="repghost"):
+        repghost.create_model("repghostnet_050", pretrained=path)
+    assert "assuming identity_shortcut=True, relu_position='post'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="repghost"):
+        repghost.create_model("repghostnet_050", pretrained=path, identity_shortcut=False, relu_position="post")
+    assert "assuming" not in caplog.text
+    own, own_path = _own_file(tmp_path, identity_shortcut=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="repghost"):
+        loaded = repghost.create_model("repghostnet_050", pretrained=own_path)
+    assert "assuming" not in caplog.text and loaded.cfg.identity_shortcut is False

@@ -49,6 +49,9 @@ def _download_published(name: str) -> str:
         ) from exc
 
 
+_SHAPELESS_DEFAULTS = {"identity_shortcut": True, "relu_position": "post"}
+
+
 def _options_from_file(ckpt: Checkpoint, given: Mapping[str, object]) -> Dict[str, object]:
     """The caller's options completed from what the file records; ``CheckpointError`` on a clash."""
     recorded = recorded_config(ckpt)
@@ -64,6 +67,13 @@ def _options_from_file(ckpt: Checkpoint, given: Mapping[str, object]) -> Dict[st
     if taken:
         options.update(taken)
         log.info("%s: using %s from %s", ckpt.path, ", ".join(f"{k}={v!r}" for k, v in taken.items()), recorded.source)
+    # Neither tensor shapes nor a record tell these apart (a shortcut add and a ReLU have no weights).
+    assumed = {k: v for k, v in _SHAPELESS_DEFAULTS.items() if k not in given and k not in recorded.values}
+    if assumed:
+        log.info(
+            "%s records no %s; assuming %s (pass the options to create_model if the weights were "
+            "trained otherwise)", ckpt.path, " or ".join(assumed), ", ".join(f"{k}={v!r}" for k, v in assumed.items()),
+        )
     if "num_classes" not in given:
         classes = num_classes_in(ckpt)
         if classes is not None:

@@ -21,6 +21,7 @@ import torch
 
 from .bench.latency import markdown_table, require_plotting, run_benchmark, write_results
 from .checkpoint import model_from_checkpoint
+from .files import atomic_write
 from .deploy.export import MissingRuntimeError, export_model, require_format
 from .reparam import model_form, reparameterize_model
 from .training.loop import TrainCallbacks, train
@@ -214,6 +215,6 @@ def _write_summary(report: DemoReport, cfg: Dict[str, Any]) -> Path:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
     training_plot = " Training curve: `training.png`." if any(p.name == "training.png" for p in report.files) else ""
     lines += ["", f"Training run: `run/` (metrics.jsonl, checkpoints, final.json).{training_plot}"]
-    path = report.out_dir / "summary.md"
-    path.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    path = atomic_write(report.out_dir / "summary.md", lambda tmp: Path(tmp).write_text(text))
     return path

@@ -1,7 +1,7 @@
 """Writing files safely: atomically, durably, with the user's permissions.
 
 Every file this package writes for a user (checkpoints, exports, reports, metrics) goes through
-:func:`atomic_write`: the content is written to a temporary file beside the target, flushed to
+:func:`atomic_write` (the one exception is a run's ``train.log``, a log appended line by line): the content is written to a temporary file beside the target, flushed to
 disk, given the permissions a plain ``open(path, "w")`` would give (``0o666`` less the umask;
 ``tempfile.mkstemp`` creates ``0o600`` files), and renamed over the target. A reader, or a run
 killed half-way, sees the old file or the new one, never a torn one.
@@ -19,11 +19,24 @@ __all__ = ["atomic_write", "default_file_mode", "PathLike"]
 PathLike = Union[str, os.PathLike]
 
 
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere it can only be read by setting it
+    (and putting it back), which leaves a moment where another thread's new file gets mode 0o666."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def default_file_mode() -> int:
     """``0o666`` less the process's umask: the mode ``open(path, "w")`` creates files with."""
-    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
 
 
 def _temporary_beside(path: Path) -> str:

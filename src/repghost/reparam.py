@@ -235,6 +235,7 @@ def fold_conv_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             continue
         if len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1:
             pairs.append((src.target, node.target))
+    folded = 0
     with torch.no_grad():
         for conv_name, bn_name in pairs:
             conv, bn = modules[conv_name], modules[bn_name]
@@ -245,6 +246,7 @@ def fold_conv_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             conv.weight = nn.Parameter(weight)  # type: ignore[union-attr]
             conv.bias = nn.Parameter(bias)  # type: ignore[union-attr]
             _set_submodule(model, bn_name, replacement)
+            folded += 1
     left = sum(isinstance(m, _BatchNorm) for m in model.modules())
-    _log.debug("folded %d conv-BN pairs of %s; %d BatchNorm left", len(pairs), type(model).__name__, left)
+    _log.debug("folded %d conv-BN pairs of %s; %d BatchNorm left", folded, type(model).__name__, left)
     return model

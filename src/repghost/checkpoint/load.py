@@ -176,12 +176,15 @@ def load_checkpoint(
             f"{ckpt.path}: this is a deploy-form state dict ({ckpt.layout} layout), already "
             "re-parameterized, and the model is train-form: create the model with deploy=True."
         )
+    twin_reset = False
     if ckpt.form == "branch-folded" and form == "deploy":
         # The authors' deploy files fold only the re-param branch: load them into a twin of that
         # structure, then fold the rest the usual way.
         twin = reparameterize_model(_twin(model), inplace=True, form="branch-folded")
         backbone_only = isinstance(model, RepGhostFeatures)  # its head is dropped anyway
-        twin_state, _ = _check_fits(twin, state_dict, ckpt, strict_classifier=not backbone_only, note=note)
+        twin_state, twin_reset = _check_fits(
+            twin, state_dict, ckpt, strict_classifier=strict_classifier and not backbone_only, note=note
+        )
         _check_config(ckpt, recorded, diffs)
         twin.load_state_dict(twin_state, strict=True)
         state_dict = reparameterize_model(twin, inplace=True).state_dict()
@@ -192,6 +195,7 @@ def load_checkpoint(
         )
 
     state_dict, classifier_reset = _check_fits(model, state_dict, ckpt, strict_classifier=strict_classifier, note=note)
+    classifier_reset = classifier_reset or (ckpt.form == "branch-folded" and form == "deploy" and twin_reset)
     _check_config(ckpt, recorded, diffs)
     model.load_state_dict(state_dict, strict=True)
     return LoadReport(layout=ckpt.layout, source=ckpt.source, classifier_reset=classifier_reset)

@@ -275,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..training.data import build_dataset, build_transform, collate_skipping
     from ..training.evaluate import evaluate
     from ..models import config as C
-    from ..reparam import reparameterize_model
+    from ..reparam import model_form, reparameterize_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, ckpt = model_from_checkpoint(args.checkpoint, model_name=args.model, use_ema=not args.no_ema)
@@ -306,7 +306,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(model.to(device), loader, device=device)
     result: Dict[str, Optional[object]] = dict(
         checkpoint=args.checkpoint, layout=ckpt.layout, weights=ckpt.source or "state_dict",
-        form="deploy" if args.deploy or ckpt.form != "train" else "train",
+        form=model_form(model),  # the form evaluated: the file's own, or deploy after --deploy
         transform=dict(tf, img_size=img_size, source=origin), **metrics,
     )
     if args.json:
