@@ -490,3 +490,20 @@ def test_eval_num_classes_mismatch(tmp_path, capsys):
     path = repghost.save_checkpoint(repghost.create_model("repghostnet_050", num_classes=7), tmp_path / "m.safetensors")
     assert cli_main(["eval", "--checkpoint", str(path), "--data", "synthetic", "--img-size", "32"]) == 2
     assert "7 classes but synthetic has 10" in capsys.readouterr().err
+
+
+def test_what_the_config_names_outside_itself_is_checked_before_the_run_dir(tmp_path):
+    """A missing pretrained file or data folder, or a GPU this machine lacks: one clear error and
+    no run directory left behind."""
+    out = tmp_path / "run"
+    cases = [
+        (dict(data="synthetic", pretrained=str(tmp_path / "nope.pth")), FileNotFoundError, "pretrained checkpoint not found"),
+        (dict(data="imagefolder", data_root=str(tmp_path / "no-data")), FileNotFoundError, "data folder not found"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((dict(data="synthetic", device="cuda"), ValueError, "no CUDA GPU"))
+    for values, error, message in cases:
+        cfg = load_config(None, dict(values, model="repghostnet_050", epochs=1, output=str(out)))
+        with pytest.raises(error, match=message):
+            train(cfg)
+        assert not out.exists()

@@ -56,7 +56,16 @@ from .epoch import NonFiniteLossError, NoTrainingStepError, Position, evaluate_e
 from .evaluate import evaluate
 from .logs import RunLog
 from .report import write_training_plot
-from .setup import build_data, build_model, build_optimization, configure_backends, epoch_seed, seed_all, wrap_model
+from .setup import (
+    build_data,
+    build_model,
+    build_optimization,
+    check_environment,
+    configure_backends,
+    epoch_seed,
+    seed_all,
+    wrap_model,
+)
 
 __all__ = [
     "train",
@@ -103,6 +112,7 @@ def train(
 
     Launch under ``torchrun --nproc_per_node=N -m repghost train ...`` for several processes.
     """
+    check_environment(cfg, resume=resume)
     ctx = init_distributed(cfg.device)
     try:
         run_dir = prepare_run_dir(cfg, resume, ctx)

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -247,3 +248,15 @@ def wrap_model(cfg: TrainConfig, ctx: DistContext, model: nn.Module) -> nn.Modul
     if ctx.distributed:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     return torch.compile(ddp, backend=cfg.compile_backend) if cfg.compile else ddp
+
+
+def check_environment(cfg: TrainConfig, *, resume: bool) -> None:
+    """What the config names outside itself, checked before the run directory is made: the device,
+    the pretrained file and the data folder. ``ValueError``/``FileNotFoundError`` with the fix."""
+    if cfg.device is not None and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but this machine has no CUDA GPU; drop --device or use cpu")
+    if cfg.pretrained is not None and not resume and not Path(cfg.pretrained).is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {cfg.pretrained} (check the path given to --pretrained)")
+    needs_root = cfg.data in ("imagefolder", "cifar10", "cifar100") or (cfg.data == "fashion_mnist" and cfg.data_root)
+    if cfg.data_root is not None and needs_root and not cfg.download and not Path(cfg.data_root).is_dir():
+        raise FileNotFoundError(f"data folder not found: {cfg.data_root} (check --data-root)")
