@@ -22,7 +22,8 @@ ALLOWED: Dict[str, Set[str]] = {
     "deploy": {"models", "reparam", "checkpoint", "create", "files", "training"},
     "bench": {"models", "reparam", "checkpoint", "create", "files", "deploy"},
     "demo": {"models", "reparam", "checkpoint", "create", "files", "training", "deploy", "bench"},
-    "cli": {"models", "reparam", "checkpoint", "create", "files", "training", "deploy", "bench", "demo"},
+    "ablation": {"models", "reparam", "checkpoint", "create", "files", "training", "deploy", "bench"},
+    "cli": {"models", "reparam", "checkpoint", "create", "files", "training", "deploy", "bench", "demo", "ablation"},
 }
 
 

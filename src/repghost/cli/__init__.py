@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 
 from ..checkpoint import CheckpointError
 from ..deploy.export import MissingRuntimeError
-from . import core, demo, deploy, training
+from . import ablation, core, demo, deploy, training
 
-COMMAND_GROUPS = [core, training, deploy, demo]
+COMMAND_GROUPS = [core, training, deploy, demo, ablation]
 # Errors a user can fix: printed as one line, exit status 2.
 USER_ERRORS = (
     CheckpointError,

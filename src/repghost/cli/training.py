@@ -14,11 +14,19 @@ from ..models import list_models
 # (group, field, flags, argparse options, help). Every TrainConfig field has a flag; --set reaches
 # them too. timm's train.py spellings are aliases (-b, -j, --wd, --drop, --aa, --model-ema-decay).
 _FLAGS = [
-    ("model", "model", ["--model"], dict(choices=list_models()), "network width"),
+    ("model", "model", ["--model"], dict(metavar="NAME"),
+     f"network: {', '.join(list_models())}, or timm:NAME for a timm baseline such as timm:ghostnet_050"),
     ("model", "num_classes", ["--num-classes"], dict(type=int), "classifier size (default: the dataset's)"),
     ("model", "pretrained", ["--pretrained"], dict(metavar="PATH"),
      "start from these weights (any supported checkpoint); a different classifier is re-initialized"),
     ("model", "drop_rate", ["--drop-rate", "--drop"], dict(type=float), "dropout before the classifier"),
+    ("model", "reparam", ["--reparam"], dict(choices=["bn", "identity", "none"]),
+     "re-parameterization branch: bn (the paper's), identity (no BN) or none (ablations)"),
+    ("model", "identity_shortcut", ["--identity-shortcut"], dict(action=argparse.BooleanOptionalAction),
+     "the identity shortcut of blocks with equal input and output shapes"),
+    ("model", "se", ["--se"], dict(action=argparse.BooleanOptionalAction), "squeeze-and-excitation modules"),
+    ("model", "relu_position", ["--relu-position"], dict(choices=["post", "pre"]),
+     "ReLU after the sum of the branches (post, the paper's) or before it (pre: no deploy form)"),
     ("data", "data", ["--data"], dict(choices=list(DATASETS)), "dataset"),
     ("data", "data_root", ["--data-root"], dict(metavar="DIR"), "dataset folder (imagefolder: train/ and val/ class folders)"),
     ("data", "img_size", ["--img-size"], dict(type=int), "training and evaluation input size"),
@@ -258,7 +266,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if result.best_top1 is not None:
             print(f"best top-1 {result.best_top1:.2f} at epoch {result.best_epoch + 1}")
         final = result.final
-        if final:
+        if final and final.get("deploy_form") is None:
+            print(f"best model ({final['weights']} weights): top-1 {final['train_form']['top1']:.2f}; "
+                  f"{final.get('deploy_form_reason', 'no deploy form')}")
+        elif final and final.get("deploy_checkpoint") is None:
+            print(f"best model ({final['weights']} weights): top-1 {final['train_form']['top1']:.2f} "
+                  f"(deploy form {final['deploy_form']['top1']:.2f}; {final.get('deploy_note', 'no deploy checkpoint')})")
+        elif final:
             t, d = final["train_form"], final["deploy_form"]
             print(
                 f"re-parameterized best model ({final['weights']} weights): train form top-1 {t['top1']:.2f}, "

@@ -48,7 +48,7 @@ LAST, BEST, DEPLOY, METRICS, FINAL, CONFIG, TRAIN_LOG, PLOT = (
     "training.png",
 )
 # What a run is: a resume may extend or re-tune it, never swap its network or its data.
-RUN_IDENTITY = ("model", "num_classes", "data", "data_root", "img_size", "synthetic_samples", "mean", "std")
+RUN_IDENTITY = ("model", "reparam", "identity_shortcut", "se", "relu_position", "num_classes", "data", "data_root", "img_size", "synthetic_samples", "mean", "std")
 _CONFIG_HYPERPARAMETERS = ("lr", "initial_lr", "weight_decay", "momentum")  # optimizer group keys set from the config
 _RESOLVED_KEYS = ("lr_resolved", "world_size", "warmup_epochs_resolved")  # config.yaml extras, not fields
 
@@ -188,14 +188,11 @@ def eval_transform(cfg: TrainConfig) -> str:
 
 
 def _model_metadata(cfg: TrainConfig, model: nn.Module) -> Dict[str, str]:
-    mcfg = dataclasses.replace(model.cfg, deploy=False)  # type: ignore[union-attr, arg-type]
-    return {
-        "format": FORMAT_NAME,
-        "form": "train",
-        "model": cfg.model,
-        "config": json.dumps(mcfg.to_dict(), sort_keys=True),
-        EVAL_TRANSFORM_KEY: eval_transform(cfg),
-    }
+    meta = {"format": FORMAT_NAME, "form": "train", "model": cfg.model, EVAL_TRANSFORM_KEY: eval_transform(cfg)}
+    if hasattr(model, "cfg") and dataclasses.is_dataclass(model.cfg):  # a RepGhostNet (timm models: no record)
+        mcfg = dataclasses.replace(model.cfg, deploy=False)  # type: ignore[union-attr, arg-type]
+        meta["config"] = json.dumps(mcfg.to_dict(), sort_keys=True)
+    return meta
 
 
 def run_state(

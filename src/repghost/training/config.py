@@ -25,7 +25,7 @@ from ..files import atomic_write
 from .data import DATASETS
 from ..models import config as C
 
-__all__ = ["TrainConfig", "load_config", "resolve_lr", "resolve_warmup", "save_config", "timm_schedules"]
+__all__ = ["TrainConfig", "load_config", "is_timm_model", "VARIANT_FIELDS", "resolve_lr", "resolve_warmup", "save_config", "timm_schedules"]
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")  # timm's str_to_pil_interp names
 ERASE_MODES = ("pixel", "rand", "const")  # timm's RandomErasing modes
@@ -38,6 +38,11 @@ class TrainConfig:
     num_classes: Optional[int] = None  # None: the dataset's
     pretrained: Optional[str] = None
     drop_rate: float = C.DEFAULT_DROP_RATE
+    # model variant (the paper's ablations; RepGhostNet models only)
+    reparam: str = "bn"  # the re-parameterization branch: "bn" (the paper's), "identity" (no BN), "none"
+    identity_shortcut: bool = True
+    se: bool = True
+    relu_position: str = "post"  # "pre": ReLU before the sum (no deploy form)
     # data
     data: str = "imagefolder"
     data_root: Optional[str] = None
@@ -165,8 +170,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
         if not ok:
             raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
 
-    if cfg.model not in C.WIDTHS:
-        raise ValueError(f"unknown model {cfg.model!r}; valid: {', '.join(C.WIDTHS)}")
+    if is_timm_model(cfg.model):
+        _check_timm_model(cfg)
+    elif cfg.model not in C.WIDTHS:
+        raise ValueError(f"unknown model {cfg.model!r}; valid: {', '.join(C.WIDTHS)}, or timm:NAME (a timm model)")
+    need(cfg.reparam in REPARAM_KINDS, "reparam", f"one of {', '.join(REPARAM_KINDS)}")
+    need(cfg.relu_position in RELU_POSITIONS, "relu_position", f"one of {', '.join(RELU_POSITIONS)}")
     if cfg.data not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.data!r}; valid: {', '.join(DATASETS)}")
     for name in ("epochs", "img_size", "lr_base_batch", "recount", "eval_every", "log_interval"):
@@ -206,6 +215,29 @@ def _check_ranges(cfg: TrainConfig) -> None:
         _check_auto_augment(cfg.auto_augment)
     if cfg.compile:
         _check_compile_backend(cfg.compile_backend)
+
+
+TIMM_PREFIX = "timm:"
+REPARAM_KINDS = ("bn", "identity", "none")
+RELU_POSITIONS = ("post", "pre")
+VARIANT_FIELDS = ("reparam", "identity_shortcut", "se", "relu_position")
+_VARIANT_DEFAULTS = {"reparam": "bn", "identity_shortcut": True, "se": True, "relu_position": "post"}
+
+
+def is_timm_model(name: str) -> bool:
+    """Whether ``model`` names a timm baseline (``timm:NAME``) rather than this project's network."""
+    return name.startswith(TIMM_PREFIX)
+
+
+def _check_timm_model(cfg: TrainConfig) -> None:
+    import timm
+
+    arch = cfg.model[len(TIMM_PREFIX) :]
+    if not arch or not timm.is_model(arch):
+        raise ValueError(f"model {cfg.model!r}: timm has no model {arch!r} (see timm.list_models())")
+    changed = [k for k, v in _VARIANT_DEFAULTS.items() if getattr(cfg, k) != v]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} are RepGhostNet variant options; a timm model ({cfg.model}) takes none of them")
 
 
 def _check_optimizer(opt: str) -> None:

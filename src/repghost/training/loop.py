@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from ..checkpoint import EVAL_TRANSFORM_KEY, save_checkpoint
-from ..create import create_model
 from ..files import atomic_write
 from ..reparam import reparameterize_model
 from .checkpointing import (
@@ -50,7 +49,7 @@ from .checkpointing import (
     save_state,
     tidy_run_dir,
 )
-from .config import TrainConfig, save_config
+from .config import TrainConfig, is_timm_model, save_config
 from .distributed import DistContext, barrier, init_distributed, shutdown
 from .epoch import NonFiniteLossError, NoTrainingStepError, Position, evaluate_epoch, train_epoch, train_step
 from .evaluate import evaluate
@@ -63,6 +62,7 @@ from .setup import (
     check_environment,
     configure_backends,
     epoch_seed,
+    network,
     seed_all,
     wrap_model,
 )
@@ -217,35 +217,58 @@ class _Run:
 
     # ---- the end -------------------------------------------------------------------------------
     def _finish(self) -> Dict[str, Any]:
-        """Fold the best (EMA) model, save it as a deploy checkpoint and check its accuracy."""
+        """Fold the best (EMA) model, save it as a deploy checkpoint and check its accuracy.
+
+        A timm baseline (``model: timm:NAME``) is folded with timm's ``reparameterize_model`` (a
+        no-op for GhostNet) and gets no deploy checkpoint; a variant without a deploy form
+        (``relu_position: pre``) records ``deploy_form: null`` and the reason.
+        """
         best_path = self.run_dir / BEST
         barrier()
         if not best_path.exists():
             return {}
         state = torch.load(best_path, map_location="cpu", weights_only=True)
         weights = state.get("model_ema") or state["model"]
-        model = create_model(
-            self.cfg.model, num_classes=self.cfg.num_classes, channels_last=self.cfg.channels_last
-        ).to(self.ctx.device)
+        model = network(self.cfg).to(self.ctx.device)
         model.load_state_dict(weights)
-        deployed = reparameterize_model(model, inplace=False)
+        timm_model = is_timm_model(self.cfg.model)
+        deployed: Optional[nn.Module]
+        reason: Optional[str] = None
+        if timm_model:
+            from timm.utils.model import reparameterize_model as timm_reparameterize
+
+            deployed = timm_reparameterize(model, inplace=False)
+        else:
+            try:
+                deployed = reparameterize_model(model, inplace=False)
+            except ValueError as exc:  # e.g. relu_position="pre": a ReLU between the branches and the sum
+                deployed, reason = None, f"no deploy form: {exc}"
+                log.info("%s; the train form is the final model", reason)
         kw = dict(device=self.ctx.device, amp_dtype=None, channels_last=self.cfg.channels_last)
         train_form = evaluate(model, self.data.val_loader, **kw)
-        deploy_form = evaluate(deployed, self.data.val_loader, **kw)
-        final = {
+        deploy_form = evaluate(deployed, self.data.val_loader, **kw) if deployed is not None else None
+        save_deploy = deployed is not None and not timm_model
+        final: Dict[str, Any] = {
             "best_epoch": self.best["epoch"],
             "weights": "ema" if state.get("model_ema") is not None else "raw",
             "train_form": train_form,
             "deploy_form": deploy_form,
-            "top1_difference": deploy_form["top1"] - train_form["top1"],
-            "deploy_checkpoint": str(self.run_dir / DEPLOY),
+            "top1_difference": deploy_form["top1"] - train_form["top1"] if deploy_form is not None else None,
+            "deploy_checkpoint": str(self.run_dir / DEPLOY) if save_deploy else None,
         }
-        if self.ctx.is_main:
-            save_checkpoint(
-                deployed,
-                self.run_dir / DEPLOY,
-                metadata={"best_epoch": str(self.best["epoch"]), EVAL_TRANSFORM_KEY: eval_transform(self.cfg)},
+        if reason is not None:
+            final["deploy_form_reason"] = reason
+        elif timm_model:
+            final["deploy_note"] = (
+                "timm model: deploy form is timm's reparameterize_model (a no-op for GhostNet); no deploy checkpoint written"
             )
+        if self.ctx.is_main:
+            if save_deploy:
+                save_checkpoint(
+                    deployed,  # type: ignore[arg-type]
+                    self.run_dir / DEPLOY,
+                    metadata={"best_epoch": str(self.best["epoch"]), EVAL_TRANSFORM_KEY: eval_transform(self.cfg)},
+                )
             text = json.dumps(final, indent=2)
             atomic_write(self.run_dir / FINAL, lambda tmp: Path(tmp).write_text(text))
         return final

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..create import create_model
-from .config import TrainConfig, resolve_lr, resolve_warmup
+from .config import VARIANT_FIELDS, TrainConfig, is_timm_model, resolve_lr, resolve_warmup
 from .data import DatasetSpec, build_dataset, build_transform, collate_skipping
 from .distributed import DistContext, ShardSampler, SkipSampler, barrier
 
@@ -33,6 +33,7 @@ __all__ = [
     "build_data",
     "train_loader",
     "build_model",
+    "network",
     "build_optimization",
     "wrap_model",
 ]
@@ -169,18 +170,35 @@ def build_model(cfg: TrainConfig, ctx: DistContext, spec: DatasetSpec, *, resume
             "drop --num-classes to use the dataset's"
         )
     cfg.num_classes = spec.num_classes
-    model = create_model(
-        cfg.model,
-        num_classes=cfg.num_classes,
-        drop_rate=cfg.drop_rate,
-        pretrained=cfg.pretrained if not resume else None,
-        channels_last=cfg.channels_last,
-    ).to(ctx.device)
+    model = network(cfg, pretrained=cfg.pretrained if not resume else None).to(ctx.device)
     if cfg.sync_bn and ctx.distributed:
         if ctx.device.type == "cpu":
             raise ValueError("sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU; drop --sync-bn")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def network(cfg: TrainConfig, *, pretrained: Optional[str] = None) -> nn.Module:
+    """The run's network on the CPU: a RepGhostNet (with the config's variant options), or the
+    timm baseline of ``model: timm:NAME`` (``timm.create_model(NAME, num_classes, drop_rate)``)."""
+    if is_timm_model(cfg.model):
+        import timm
+
+        if pretrained is not None:
+            raise ValueError(f"pretrained is for RepGhostNet models; {cfg.model} is built by timm from scratch")
+        model = timm.create_model(cfg.model[len("timm:") :], num_classes=cfg.num_classes, drop_rate=cfg.drop_rate)
+        return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+    variant = {k: getattr(cfg, k) for k in VARIANT_FIELDS}
+    if pretrained is not None:  # options the file records are taken from it unless the config departs from the paper's
+        variant = {k: v for k, v in variant.items() if v != TrainConfig.__dataclass_fields__[k].default}
+    return create_model(
+        cfg.model,
+        num_classes=cfg.num_classes,
+        drop_rate=cfg.drop_rate,
+        pretrained=pretrained,
+        channels_last=cfg.channels_last,
+        **variant,
+    )
 
 
 @dataclass

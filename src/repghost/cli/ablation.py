@@ -1,0 +1,63 @@
+"""``repghost ablate``: the paper's ablation study, re-run with seeds."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict
+
+from ..training.data import DATASETS
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from ..ablation.variants import VARIANTS
+
+    p = sub.add_parser(
+        "ablate",
+        help="the paper's ablation study: train every (variant, seed), compare with Welch's t-tests",
+        description=(
+            "Train each ablation variant with several seeds through `repghost train`'s trainer (finished runs are "
+            "kept, killed ones resumed), then write OUTPUT/ablation.json, ablation.md and ablation.png. "
+            f"Variants: {'; '.join(f'{v.name}: {v.description}' for v in VARIANTS.values())}."
+        ),
+    )
+    p.add_argument("--config", required=True, metavar="YAML", help="base training config (e.g. configs/ablation/fashion_mnist.yaml)")
+    p.add_argument("--output", required=True, metavar="DIR", help="sweep directory (runs/ and the reports)")
+    p.add_argument("--variants", default=None, metavar="A,B", help=f"comma-separated variants (default: all: {','.join(VARIANTS)})")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per variant (default: 3)")
+    p.add_argument("--data", choices=list(DATASETS), default=None, help="override the config's dataset (synthetic: a smoke run)")
+    p.add_argument("--epochs", type=int, default=None, metavar="N", help="override the config's epochs")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field (YAML value)")
+    p.add_argument("--latency-rounds", type=int, default=100, metavar="N",
+                   help="latency rounds per variant and runtime (eager, onnxruntime; batch 1, 1 thread); 0 skips (default: 100)")
+    p.set_defaults(run=cmd_ablate)
+
+
+def _set_values(items: list) -> Dict[str, Any]:
+    import yaml
+
+    values: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return values
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from ..ablation import comparison_table, run_sweep, variant_table
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    result = run_sweep(
+        args.config, args.output, variants=variants, seeds=args.seeds, overrides=_set_values(args.set),
+        data=args.data, epochs=args.epochs, latency_rounds=args.latency_rounds,
+        progress=lambda line: print(line, flush=True),
+    )
+    print()
+    print(variant_table(result.report))
+    if result.report["comparisons"]:
+        print()
+        print(comparison_table(result.report))
+    print()
+    print(f"wrote {result.json_path}, {result.md_path}" + (f", {result.png_path}" if result.png_path else " (no plot: matplotlib missing)"))
+    return 0
