@@ -499,6 +499,7 @@ def test_what_the_config_names_outside_itself_is_checked_before_the_run_dir(tmp_
     cases = [
         (dict(data="synthetic", pretrained=str(tmp_path / "nope.pth")), FileNotFoundError, "pretrained checkpoint not found"),
         (dict(data="imagefolder", data_root=str(tmp_path / "no-data")), FileNotFoundError, "data folder not found"),
+        (dict(data="fashion_mnist", data_root=str(tmp_path / "no-data")), FileNotFoundError, "dataset-fashion-mnist"),
     ]
     if not torch.cuda.is_available():
         cases.append((dict(data="synthetic", device="cuda"), ValueError, "no CUDA GPU"))

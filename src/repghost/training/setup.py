@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..create import create_model
 from .config import VARIANT_FIELDS, TrainConfig, is_timm_model, resolve_lr, resolve_warmup
-from .data import DatasetSpec, build_dataset, build_transform, collate_skipping
+from .data import FASHION_MNIST_DEBIAN_DIR, DatasetSpec, build_dataset, build_transform, collate_skipping
 from .distributed import DistContext, ShardSampler, SkipSampler, barrier
 
 __all__ = [
@@ -277,4 +277,10 @@ def check_environment(cfg: TrainConfig, *, resume: bool) -> None:
         raise FileNotFoundError(f"pretrained checkpoint not found: {cfg.pretrained} (check the path given to --pretrained)")
     needs_root = cfg.data in ("imagefolder", "cifar10", "cifar100") or (cfg.data == "fashion_mnist" and cfg.data_root)
     if cfg.data_root is not None and needs_root and not cfg.download and not Path(cfg.data_root).is_dir():
+        if cfg.data == "fashion_mnist":
+            raise FileNotFoundError(
+                f"Fashion-MNIST folder not found: {cfg.data_root}. Install the Debian package "
+                f"dataset-fashion-mnist (files in {FASHION_MNIST_DEBIAN_DIR}), point --data-root at a "
+                "folder with the idx files, or pass --download."
+            )
         raise FileNotFoundError(f"data folder not found: {cfg.data_root} (check --data-root)")
