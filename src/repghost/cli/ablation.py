@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict
 
 from ..training.data import DATASETS
 
@@ -32,24 +31,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_ablate)
 
 
-def _set_values(items: list) -> Dict[str, Any]:
-    import yaml
-
-    values: Dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        values[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return values
-
-
 def cmd_ablate(args: argparse.Namespace) -> int:
     from ..ablation import comparison_table, run_sweep, variant_table
+    from .training import parse_set
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     result = run_sweep(
-        args.config, args.output, variants=variants, seeds=args.seeds, overrides=_set_values(args.set),
+        args.config, args.output, variants=variants, seeds=args.seeds, overrides=parse_set(args.set),
         data=args.data, epochs=args.epochs, latency_rounds=args.latency_rounds,
         progress=lambda line: print(line, flush=True),
     )

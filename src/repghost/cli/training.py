@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ..training.data import DATASETS
 from ..models import list_models
@@ -144,15 +144,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_eval)
 
 
-def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
+def parse_set(items: List[str]) -> Dict[str, Any]:
+    """``--set FIELD=VALUE`` items as config overrides (values read as YAML)."""
     import yaml
 
-    values = {k: getattr(args, k) for k in _FIELDS}
-    for item in args.set:
+    values: Dict[str, Any] = {}
+    for item in items:
         if "=" not in item:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return values
+
+
+def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    values = {k: getattr(args, k) for k in _FIELDS}
+    values.update(parse_set(args.set))
     return {k: v for k, v in values.items() if v is not None}
 
 
