@@ -195,3 +195,25 @@ def test_distributed_evaluation_of_an_uneven_set_equals_one_process(tmp_path):
     assert two["count"] == one["count"] == 501
     assert (two["top1"], two["top5"]) == (one["top1"], one["top5"])
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_detection_training_two_processes(tmp_path):
+    """`repghost detect train` under torchrun: 2 gloo ranks train one detector (DDP) and evaluate
+    shards of the validation set that rank 0 scores together."""
+    pytest.importorskip("pycocotools")
+    from repghost.detection.synthetic import make_synthetic_coco
+
+    data = make_synthetic_coco(tmp_path / "data", train_images=16, val_images=5, size=96, seed=5)
+    args = TORCHRUN + [
+        "-m", "repghost", "detect", "train", "--backbone", "repghostnet_050", "--img-size", "96", "-b", "2", "-j", "0",
+        "--epochs", "1", "--lr", "0.01", "--no-progress", "--output", str(tmp_path / "run"), "--set", "warmup_epochs=0.2",
+        "--train-ann", str(data / "train.json"), "--train-images", str(data / "images"),
+        "--val-ann", str(data / "val.json"), "--val-images", str(data / "images"),
+    ]
+    result = _run(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["val_images"] == 5  # both shards (3 + 2 images) were scored
+    assert (tmp_path / "run" / "deploy.safetensors").is_file()
+    assert result.stdout.count("run directory:") == 1  # rank 0 alone reports

@@ -20,10 +20,11 @@ ALLOWED: Dict[str, Set[str]] = {
     "create": {"models", "reparam", "checkpoint"},
     "training": {"models", "reparam", "checkpoint", "create", "files"},
     "deploy": {"models", "reparam", "checkpoint", "create", "files", "training"},
-    "bench": {"models", "reparam", "checkpoint", "create", "files", "deploy"},
+    "detection": {"models", "reparam", "checkpoint", "create", "files", "training", "deploy"},
+    "bench": {"models", "reparam", "checkpoint", "create", "files", "deploy", "detection"},
     "demo": {"models", "reparam", "checkpoint", "create", "files", "training", "deploy", "bench"},
-    "ablation": {"models", "reparam", "checkpoint", "create", "files", "training", "deploy", "bench"},
-    "cli": {"models", "reparam", "checkpoint", "create", "files", "training", "deploy", "bench", "demo", "ablation"},
+    "ablation": {"models", "reparam", "checkpoint", "create", "files", "training", "deploy", "detection", "bench"},
+    "cli": {"models", "reparam", "checkpoint", "create", "files", "training", "deploy", "detection", "bench", "demo", "ablation"},
 }
 
 

@@ -23,6 +23,12 @@ Model keys (:func:`parse_model`), ``[timm:]NAME[:train][:shipped][:nchw|:cl]``:
 * ``:train``: the train form (nothing re-parameterized or folded; for timm models, not even timm's
   own re-parameterization).
 * ``:nchw`` / ``:cl``: override the memory format (default: channels_last, NCHW for ``:shipped``).
+* ``det:KIND:BACKBONE``: a detector's dense part (backbone, FPN, heads:
+  :class:`repghost.detection.export.DetectorCore`) with the light heads and 80 classes, e.g.
+  ``det:retinanet:repghostnet_100`` or ``det:retinanet:mobilenet_v3_large``; the backbone in deploy
+  form (ours re-parameterized; the comparison backbones' conv-BN pairs folded, the same
+  treatment), channels_last. Time detectors at a detection input size (``input_size``), the
+  same for every backbone.
 
 In eager PyTorch the treatment decides much of the latency (every BatchNorm is an op, and the CPU
 depthwise kernels are much faster channels_last); ONNX Runtime and MNN fold BatchNorms themselves,
@@ -31,6 +37,7 @@ so there the two timm figures come out close.
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
@@ -145,12 +152,15 @@ class ModelSpec:
     train_form: bool
     channels_last: bool
     shipped: bool = False  # timm only: as timm ships it (no conv-BN folding of ours)
+    detector: Optional[str] = None  # "det" keys: retinanet, maskrcnn, fcos (arch is the backbone)
 
 
 def parse_model(key: str) -> ModelSpec:
     """Parse ``[timm:]NAME[:train][:shipped][:nchw|:cl]`` (see the module docstring)."""
     parts = key.split(":")
     source = "repghost"
+    if parts[0] == "det":
+        return _parse_detector_key(key, parts[1:])
     if parts[0] == "timm":
         source, parts = "timm", parts[1:]
     if not parts or not parts[0]:
@@ -181,9 +191,26 @@ def parse_model(key: str) -> ModelSpec:
     return ModelSpec(key, source, arch, "train" in options, channels_last, shipped)
 
 
+def _parse_detector_key(key: str, parts: List[str]) -> ModelSpec:
+    from ..detection import DETECTORS, list_backbones
+
+    if len(parts) < 2 or parts[0] not in DETECTORS or parts[1] not in list_backbones():
+        raise ValueError(
+            f"detector key {key!r}: det:KIND:BACKBONE[:train], KIND one of {', '.join(DETECTORS)}, "
+            f"BACKBONE one of {', '.join(list_backbones())}"
+        )
+    options = parts[2:]
+    if any(o != "train" for o in options):
+        raise ValueError(f"detector key {key!r}: the only option is :train, got {options}")
+    return ModelSpec(key, "detection", parts[1], "train" in options, True, detector=parts[0])
+
+
 def describe_model(spec: ModelSpec) -> str:
     """How a spec's model is built, in words (for reports)."""
     layout = "channels_last" if spec.channels_last else "NCHW"
+    if spec.source == "detection":
+        form = "train form" if spec.train_form else "backbone in deploy form (re-parameterized / conv-BN folded)"
+        return f"{spec.detector} (backbone + FPN + light heads, 80 classes) on {spec.arch}, {form}, {layout}"
     if spec.source == "repghost":
         form = "train form" if spec.train_form else "deploy form (every conv-BN pair folded)"
         return f"repghost {spec.arch}, {form}, {layout}"
@@ -218,6 +245,8 @@ def build_model(
     raises :class:`~repghost.deploy.verify.ExportVerificationError`.
     """
     torch.manual_seed(seed)
+    if spec.source == "detection":
+        return _build_detector_core(spec, seed=seed, input_size=input_size, tolerance=tolerance)
     if spec.source == "repghost":
         model = create_model(spec.arch, channels_last=spec.channels_last)
         if not spec.train_form:
@@ -237,6 +266,26 @@ def build_model(
     x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(seed))
     verify_runner(_torch_runner(folded), model, x, f"{spec.key} with its conv-BN pairs folded", tolerance)
     return folded.eval()
+
+
+def _build_detector_core(spec: ModelSpec, *, seed: int, input_size: Sequence[int], tolerance: float) -> nn.Module:
+    from ..detection import create_detector, list_backbones
+    from ..detection.export import DetectorCore
+    from ..models import list_models as repghost_models
+
+    detector = create_detector(spec.detector or "retinanet", spec.arch, 80, preset="light").eval()
+    core = DetectorCore(detector).eval()
+    if spec.train_form:
+        return core
+    reference = copy.deepcopy(core)
+    if spec.arch in repghost_models():
+        reparameterize_model(core, inplace=True)
+    else:
+        assert spec.arch in list_backbones()
+        core.backbone.body = fold_conv_bn(core.backbone.body, inplace=False)
+    x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(seed))
+    verify_runner(_torch_runner(core), reference, x, f"{spec.key} in deploy form", tolerance)
+    return core.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,7 +570,7 @@ def run_benchmark(
     for spec in specs:
         for runtime in runtimes:
             ms = [s * 1e3 for s in samples[(spec.key, runtime)]]
-            published = published_accuracy(spec.arch)
+            published = published_accuracy(spec.arch) if spec.source != "detection" else None  # ImageNet top-1 is no detector's
             measurements.append(
                 Measurement(
                     model=spec.key,

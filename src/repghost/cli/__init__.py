@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 
 from ..checkpoint import CheckpointError
 from ..deploy.export import MissingRuntimeError
-from . import ablation, core, demo, deploy, training
+from . import ablation, core, demo, deploy, detection, training
 
-COMMAND_GROUPS = [core, training, deploy, demo, ablation]
+COMMAND_GROUPS = [core, training, deploy, demo, ablation, detection]
 # Errors a user can fix: printed as one line, exit status 2.
 USER_ERRORS = (
     CheckpointError,
@@ -48,7 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.run(args) or 0)
     except USER_ERRORS as exc:
-        print(f"repghost {args.command}: error: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "detect_command", None)]))
+        print(f"repghost {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"repghost {args.command}: interrupted", file=sys.stderr)

@@ -32,7 +32,7 @@ from .distributed import DistContext, all_gather_objects, barrier
 __all__ = [
     "LAST", "BEST", "DEPLOY", "METRICS", "FINAL", "CONFIG", "TRAIN_LOG", "PLOT", "RUN_IDENTITY",
     "RunDirError", "ResumePoint", "prepare_run_dir", "run_state", "save_state", "read_resume_point",
-    "apply_resume_point", "restore_rank_state", "tidy_run_dir", "resume_config", "eval_transform",
+    "apply_resume_point", "restore_rank_state", "tidy_run_dir", "trim_metrics", "resume_config", "eval_transform",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, ctx: DistContext) -> Path:
 def tidy_run_dir(run_dir: Path, next_epoch: int) -> None:
     """What a kill may have left: fragments of interrupted writes, records of epochs to redo."""
     _remove_partial_writes(run_dir)
-    _trim_metrics(run_dir / METRICS, next_epoch)
+    trim_metrics(run_dir / METRICS, next_epoch)
 
 
 def _remove_partial_writes(run_dir: Path) -> None:
@@ -93,7 +93,7 @@ def _remove_partial_writes(run_dir: Path) -> None:
             fragment.unlink(missing_ok=True)
 
 
-def _trim_metrics(path: Path, next_epoch: int) -> None:
+def trim_metrics(path: Path, next_epoch: int) -> None:
     """Keep the records of the epochs the resumed checkpoint has done, nothing after them.
 
     A kill can land after an epoch's record was written but before its checkpoint was; that epoch

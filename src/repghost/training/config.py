@@ -25,7 +25,7 @@ from ..files import atomic_write
 from .data import DATASETS
 from ..models import config as C
 
-__all__ = ["TrainConfig", "load_config", "is_timm_model", "VARIANT_FIELDS", "resolve_lr", "resolve_warmup", "save_config", "timm_schedules"]
+__all__ = ["TrainConfig", "load_config", "check_field_types", "is_timm_model", "VARIANT_FIELDS", "resolve_lr", "resolve_warmup", "save_config", "timm_schedules"]
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")  # timm's str_to_pil_interp names
 ERASE_MODES = ("pixel", "rand", "const")  # timm's RandomErasing modes
@@ -108,8 +108,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check (and normalize: ints to floats, ``"1e-5"`` to 1e-5) every field; ``ValueError`` if bad."""
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _checked_type(f.name, f.type, getattr(self, f.name)))
+        check_field_types(self)
         _check_ranges(self)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -119,6 +118,13 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
+def check_field_types(config: Any) -> None:
+    """Check and normalize every field of a config dataclass against its annotation (bool, int,
+    float, str, List[float], optionally Optional); ``ValueError`` naming the field if one is wrong."""
+    for f in dataclasses.fields(config):
+        setattr(config, f.name, _checked_type(f.name, f.type, getattr(config, f.name)))
+
+
 def _checked_type(name: str, annotation: Any, value: Any) -> Any:
     text = str(annotation)
     optional = text.startswith("Optional[")

@@ -253,6 +253,9 @@ class SkipUnreadable(Dataset):
 
 
 def _sample_path(dataset: Dataset, index: int) -> str:
+    describe = getattr(dataset, "describe_sample", None)  # e.g. detection's CocoSet
+    if describe is not None:
+        return str(describe(index))
     samples = getattr(dataset, "samples", None)
     if samples is not None and index < len(samples):
         return str(samples[index][0])

@@ -153,6 +153,10 @@ def summary_line(record: Dict[str, Any], epochs: int, epochs_left: int, seconds:
         parts.append(f"val top-1 {record['val_top1']:.2f}")
     if "ema_top1" in record:
         parts.append(f"EMA top-1 {record['ema_top1']:.2f}")
+    if "bbox_AP" in record:  # detection runs
+        parts.append(f"box AP {record['bbox_AP']:.3f} AP50 {record['bbox_AP50']:.3f}")
+    if "segm_AP" in record:
+        parts.append(f"mask AP {record['segm_AP']:.3f} AP50 {record['segm_AP50']:.3f}")
     if record.get("best"):
         parts.append("(best)")
     if record.get("skipped_images"):

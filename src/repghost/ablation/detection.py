@@ -1,0 +1,160 @@
+"""The paper's detection claim at a small scale: RetinaNet with RepGhostNet against other backbones.
+
+Same recipe, budget and heads for every backbone; only the backbone changes. One run folder per
+(backbone, seed), trained by :func:`repghost.detection.train.train_detector`: a finished run
+(``final.json``) is never trained again, a killed one resumes from its ``last.pth``, so the study
+can be spread over several sittings. Then per backbone: box AP and AP50 (mean, standard deviation
+over seeds), parameters and MACs of the detector's dense part at the training size, and its batch-1
+latency (deployed form, eager and ONNX Runtime, one thread, interleaved); and per comparison
+backbone a Welch t-test of RepGhostNet's AP50 against it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from ..files import atomic_write
+from ..models.complexity import count_macs, count_params
+from ..reparam import fold_conv_bn, reparameterize_model
+from .stats import mean_std
+from .sweep import _verdict, measure_latency
+
+__all__ = ["run_detection_study", "detection_table"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75")
+
+
+def _run(values: Dict[str, Any], run_dir: Path, say: Progress) -> Dict[str, Any]:
+    from ..detection.config import load_detect_config
+    from ..detection.train import resume_detect_config, train_detector
+
+    final = run_dir / "final.json"
+    if final.is_file():
+        say(f"{run_dir.name}: finished already")
+        return json.loads(final.read_text())
+    if (run_dir / "last.pth").is_file():
+        say(f"{run_dir.name}: resuming")
+        return train_detector(resume_detect_config(str(run_dir), {"epochs": values["epochs"]}), resume=True)
+    say(f"{run_dir.name}: training")
+    return train_detector(load_detect_config(None, dict(values, output=str(run_dir))))
+
+
+def _deployed_core(backbone: str, values: Mapping[str, Any], num_classes: int):
+    from ..detection import create_detector
+    from ..detection.config import load_detect_config
+    from ..detection.export import DetectorCore
+    from ..models import list_models
+
+    cfg = load_detect_config(None, dict(values, backbone=backbone))
+    core = DetectorCore(create_detector(cfg.detector, backbone, num_classes, preset=cfg.preset, **cfg.detector_options()).eval()).eval()
+    params = count_params(core)
+    if backbone in list_models():
+        reparameterize_model(core, inplace=True)
+    else:
+        core.backbone.body = fold_conv_bn(core.backbone.body, inplace=False)
+    return core, params
+
+
+def run_detection_study(
+    config: Union[str, os.PathLike],
+    output: Union[str, os.PathLike],
+    *,
+    backbones: Sequence[str] = ("repghostnet_100", "mobilenet_v3_large", "ghostnet_100"),
+    seeds: int = 3,
+    overrides: Optional[Mapping[str, Any]] = None,
+    latency_rounds: int = 50,
+    progress: Optional[Progress] = None,
+) -> Dict[str, Any]:
+    """Train every (backbone, seed) of ``config`` into ``output/runs``, then write
+    ``output/detection.json`` and ``detection.md``; returns the report."""
+    import yaml
+
+    say = progress or (lambda line: log.info("%s", line))
+    values = dict(yaml.safe_load(Path(config).read_text()) or {})
+    values.update(overrides or {})
+    out = Path(output)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    runs: List[Dict[str, Any]] = []
+    base_seed = int(values.get("seed", 0))
+    for backbone in backbones:
+        for k in range(seeds):
+            run_dir = out / "runs" / f"{backbone}-seed{k}"
+            final = _run(dict(values, backbone=backbone, seed=base_seed + k), run_dir, say)
+            runs.append({"backbone": backbone, "seed": base_seed + k, "run": str(run_dir),
+                         **{m: final["best"].get(m) for m in METRICS}, "best_epoch": final["best_epoch"]})
+    num_classes = len(json.loads((out / "runs" / f"{backbones[0]}-seed0" / "final.json").read_text())["categories"]["ids"])
+    size = int(values.get("img_size", 512))
+    cores, params = {}, {}
+    for backbone in backbones:
+        cores[backbone], params[backbone] = _deployed_core(backbone, values, num_classes)
+    latency = measure_latency(cores, input_size=(3, size, size), rounds=latency_rounds, progress=say) if latency_rounds else {}
+    per_backbone = {}
+    for backbone in backbones:
+        mine = [r for r in runs if r["backbone"] == backbone]
+        per_backbone[backbone] = {
+            **{m: mean_std([r[m] for r in mine if r[m] is not None]) for m in METRICS},
+            "parameters": params[backbone],
+            "macs": count_macs(cores[backbone], (3, size, size)),
+            "latency": latency.get(backbone),
+        }
+    ours = backbones[0]
+    comparisons = []
+    for other in backbones[1:]:
+        a = [r["bbox_AP50"] for r in runs if r["backbone"] == ours]
+        b = [r["bbox_AP50"] for r in runs if r["backbone"] == other]
+        comparisons.append({"better": ours, "worse": other, "metric": "bbox_AP50", **_verdict(a, b)})
+    report = {
+        "config": str(config), "overrides": dict(overrides or {}), "input_size": [3, size, size],
+        "seeds": seeds, "runs": runs, "backbones": per_backbone, "comparisons": comparisons,
+        "environment": _environment(),
+    }
+    text = json.dumps(report, indent=2)
+    atomic_write(out / "detection.json", lambda tmp: Path(tmp).write_text(text))
+    md = detection_table(report)
+    atomic_write(out / "detection.md", lambda tmp: Path(tmp).write_text(md))
+    return report
+
+
+def _environment() -> Dict[str, Any]:
+    from ..bench.latency import environment
+
+    return environment(1)
+
+
+def _fmt(stat: Mapping[str, Any]) -> str:
+    if stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat.get("std") is not None else f"{stat['mean']:.3f}"
+
+
+def detection_table(report: Mapping[str, Any]) -> str:
+    """The study as Markdown: one row per backbone, then the tests."""
+    size = report["input_size"]
+    lines = [
+        f"| backbone | box AP | box AP50 | box AP75 | params (M) | MACs (G) at {size[1]}x{size[2]} | eager ms | ONNX Runtime ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, b in report["backbones"].items():
+        lat = b.get("latency") or {}
+        cells = [name, _fmt(b["bbox_AP"]), _fmt(b["bbox_AP50"]), _fmt(b["bbox_AP75"]), f"{b['parameters'] / 1e6:.2f}", f"{b['macs'] / 1e9:.2f}"]
+        for rt in ("eager", "onnxruntime"):
+            cells.append(f"{lat[rt]['median_ms']:.1f} ({lat[rt]['paired_ratio']:.2f}x)" if rt in lat else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Mean ± standard deviation over {report['seeds']} seeds; latency: median, ratio to the first backbone (paired).", ""]
+    for c in report["comparisons"]:
+        diff = c.get("difference")
+        p = c.get("p")
+        lines.append(
+            f"- {c['better']} vs {c['worse']}, box AP50: difference {diff:+.3f}" if diff is not None else f"- {c['better']} vs {c['worse']}: no test"
+        )
+        if diff is not None:
+            lines[-1] += f", Welch t {c['t']:.2f}, p {p:.3f}: {c['verdict']}" if p is not None and c.get("t") is not None else f": {c['verdict']}"
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,330 @@
+"""``train_detector``: the detection trainer, on the classification trainer's conventions.
+
+One process or torchrun (DDP; gloo on CPU, nccl on CUDA), AMP on CUDA, timm's optimizer and
+scheduler (stepped per update), a run folder with ``config.yaml``, ``metrics.jsonl``,
+``train.log``, ``last.pth`` (atomic, every epoch) and ``best.safetensors`` (the best epoch by
+box AP, mask AP for Mask R-CNN), and at the end ``deploy.safetensors`` (the backbone folded; its
+outputs checked against the train form) and ``final.json``.
+
+Resume (``resume=True``) continues from ``last.pth`` at the epoch it reached. Each epoch draws its
+randomness from ``(seed, epoch)`` alone (sampler order, augmentation, dropout), so a resumed run
+makes the same updates as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..files import atomic_write
+from ..reparam import reparameterize_model
+from ..training.checkpointing import CONFIG, FINAL, LAST, METRICS, RunDirError, trim_metrics
+from ..training.distributed import DistContext, all_reduce_sum, barrier, init_distributed, shutdown
+from ..training.epoch import NonFiniteLossError, NoTrainingStepError
+from ..training.logs import RunLog
+from ..training.setup import configure_backends, seed_all
+from .config import RUN_IDENTITY, DetectTrainConfig, save_detect_config
+from .data import CocoSet, collate_detection, robust, train_transforms
+from .evaluate import evaluate_detector
+from .files import categories_to_dict, save_detector
+from .models import create_detector
+
+__all__ = ["train_detector", "resume_detect_config", "BEST_DETECTOR", "DEPLOY_DETECTOR", "detection_files", "fold_and_check"]
+
+log = logging.getLogger(__name__)
+
+BEST_DETECTOR, DEPLOY_DETECTOR = "best.safetensors", "deploy.safetensors"
+
+
+def detection_files(cfg: DetectTrainConfig) -> Dict[str, str]:
+    """The four COCO paths of the run (the synthetic set is generated first if asked for)."""
+    if cfg.data == "synthetic":
+        from .synthetic import make_synthetic_coco
+
+        root = Path(cfg.data_root or Path(cfg.output or ".") / "synthetic-data")
+        make_synthetic_coco(root, train_images=cfg.synthetic_images, val_images=max(20, cfg.synthetic_images // 4), size=min(cfg.img_size, 256))
+        images = str(root / "images")
+        return dict(train_ann=str(root / "train.json"), train_images=images, val_ann=str(root / "val.json"), val_images=images)
+    return dict(train_ann=cfg.train_ann, train_images=cfg.train_images, val_ann=cfg.val_ann, val_images=cfg.val_images)  # type: ignore[dict-item]
+
+
+def resume_detect_config(run_dir: str, overrides: Optional[Dict[str, Any]] = None) -> DetectTrainConfig:
+    """The saved ``config.yaml`` of a run, with ``overrides`` (e.g. more epochs), pointed at ``run_dir``."""
+    import yaml
+
+    from .config import load_detect_config
+
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise RunDirError(f"nothing to resume in {run_dir}: no {CONFIG} there (is it a `repghost detect train` run folder?)")
+    saved = yaml.safe_load(path.read_text()) or {}
+    saved.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    saved["output"] = str(run_dir)
+    return load_detect_config(None, saved)
+
+
+def _prepare_run_dir(cfg: DetectTrainConfig, resume: bool, ctx: DistContext) -> Path:
+    if cfg.output is None:
+        cfg.output = str(Path("runs") / f"{cfg.detector}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(cfg.output)
+    if resume:
+        if not (run_dir / LAST).is_file():
+            raise RunDirError(f"nothing to resume in {run_dir}: no {LAST} there")
+        import yaml
+
+        saved = yaml.safe_load((run_dir / CONFIG).read_text()) or {} if (run_dir / CONFIG).is_file() else {}
+        changed = [k for k in RUN_IDENTITY if k in saved and saved[k] != getattr(cfg, k)]
+        if changed:
+            k = changed[0]
+            raise RunDirError(
+                f"{run_dir} was trained with {k}={saved[k]!r}; a resume cannot change it to {getattr(cfg, k)!r}. "
+                "Start a new run (another --output) for a different detector or data."
+            )
+    elif (run_dir / LAST).exists() or (run_dir / METRICS).exists():
+        raise RunDirError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --output")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return run_dir
+
+
+def _datasets(cfg: DetectTrainConfig) -> Tuple[CocoSet, CocoSet]:
+    files = detection_files(cfg)
+    masks = cfg.detector == "maskrcnn"
+    aug = train_transforms(cfg.img_size, scale_range=tuple(cfg.scale_range), hflip=cfg.hflip, vflip=cfg.vflip)  # type: ignore[arg-type]
+    train_set = CocoSet(files["train_ann"], files["train_images"], masks=masks, transforms=aug)
+    val_set = CocoSet(files["val_ann"], files["val_images"], masks=False)
+    if val_set.categories.ids != train_set.categories.ids:
+        raise ValueError(
+            f"the validation file's categories {list(val_set.categories.ids)} differ from the training file's "
+            f"{list(train_set.categories.ids)}; both files must list the same categories"
+        )
+    return train_set, val_set
+
+
+def _optimization(cfg: DetectTrainConfig, model: nn.Module, steps_per_epoch: int):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen (raise trainable_stages or unfreeze the heads)")
+    trainable = nn.ParameterList(params)  # timm's optimizer factory takes a module; frozen parameters stay out
+    optimizer = create_optimizer_v2(trainable, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )
+    return optimizer, scheduler
+
+
+def _score(cfg: DetectTrainConfig, metrics: Dict[str, Any]) -> float:
+    return metrics["segm"]["AP"] if cfg.detector == "maskrcnn" else metrics["bbox"]["AP"]
+
+
+def _flatten(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{k}": v for k, v in value.items()})
+        else:
+            flat[f"val_{key}"] = value
+    return flat
+
+
+@torch.no_grad()
+def fold_and_check(model: nn.Module, images: list, *, atol: float = 1e-3) -> Tuple[nn.Module, float]:
+    """A folded copy of the detector, and the largest box difference against ``model`` on ``images``.
+
+    Raises if the detections differ (count, labels, or boxes beyond ``atol`` pixels).
+    """
+    model.eval()
+    folded = reparameterize_model(model, inplace=False)
+    worst = 0.0
+    for image in images:
+        a, b = model([image])[0], folded([image])[0]
+        if len(a["boxes"]) != len(b["boxes"]) or not torch.equal(a["labels"], b["labels"]):
+            raise RuntimeError("the folded detector's detections differ from the train form's; please report this")
+        if len(a["boxes"]):
+            worst = max(worst, float((a["boxes"] - b["boxes"]).abs().max()))
+    if worst > atol:
+        raise RuntimeError(f"the folded detector's boxes differ by {worst:.2e} px from the train form's (tolerance {atol})")
+    return folded, worst
+
+
+def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler, epoch, runlog, steps, last_path) -> Dict[str, Any]:
+    forward.train()
+    totals: Dict[str, float] = {}
+    images_seen = skipped = done = 0
+    started = time.perf_counter()
+    amp = cfg.amp and ctx.device.type == "cuda"
+    for batch_no, (images, targets, bad) in enumerate(loader, start=1):
+        skipped += bad
+        if not images:
+            continue
+        images = [img.to(ctx.device, non_blocking=True) for img in images]
+        targets = [{k: (v.to(ctx.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+        with torch.autocast("cuda", enabled=amp):
+            parts = forward(images, targets)
+        loss = sum(parts.values())
+        finite = torch.isfinite(loss.detach()).to(torch.float64).reshape(1)
+        if float(all_reduce_sum(finite)) < ctx.world_size:
+            raise NonFiniteLossError(
+                f"the loss became non-finite at epoch {epoch + 1}, batch {batch_no} (lr {optimizer.param_groups[0]['lr']:.4g}, "
+                f"parts {({k: float(v.detach()) for k, v in parts.items()})}); training stopped, the last good checkpoint is "
+                f"{last_path}. Lower --lr, set --clip-grad, or check the annotations."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        done += 1
+        scheduler.step_update(epoch * steps + done)
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + float(v.detach())
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+        images_seen += len(images)
+        runlog.step(epoch, batch_no, done, images=len(images), loss=float(loss.detach()),
+                    lr=optimizer.param_groups[0]["lr"], log_line=batch_no % cfg.log_interval == 0)
+        if cfg.max_steps_per_epoch is not None and done >= cfg.max_steps_per_epoch:
+            break
+    if done == 0:
+        raise NoTrainingStepError(
+            f"epoch {epoch + 1} made no training step: {skipped} images were unreadable; check the image folder"
+        )
+    seconds = time.perf_counter() - started
+    record = {f"train_{k}" if k != "loss" else "train_loss": v / done for k, v in totals.items()}
+    record.update(train_images_per_s=images_seen * ctx.world_size / max(seconds, 1e-9), skipped_images=skipped, lr=optimizer.param_groups[0]["lr"])
+    return record
+
+
+def train_detector(cfg: DetectTrainConfig, *, resume: bool = False, callbacks: Any = None) -> Dict[str, Any]:
+    """Train (or resume) a detector run; returns the final summary (also ``final.json``).
+
+    ``callbacks``: as for :func:`repghost.training.loop.train` (``on_epoch_start``, ``on_step``,
+    ``on_epoch_end``), e.g. the CLI's progress bar.
+    """
+    if cfg.device is not None and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but this machine has no CUDA GPU; drop --device or use cpu")
+    ctx = init_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx, resume, callbacks)
+    finally:
+        shutdown()
+
+
+def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: Any) -> Dict[str, Any]:
+    configure_backends(ctx.device, cfg.deterministic)
+    train_set, val_set = _datasets(cfg)  # errors about the data come before the run folder exists
+    run_dir = _prepare_run_dir(cfg, resume, ctx)
+    seed_all(cfg.seed)
+    model = create_detector(
+        cfg.detector, cfg.backbone, len(train_set.categories), preset=cfg.preset,
+        backbone_weights=cfg.backbone_weights if not resume else None, **{k: v for k, v in cfg.detector_options().items()},
+    ).to(ctx.device)
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    steps = len(sampler) // cfg.batch_size
+    if steps == 0:
+        raise NoTrainingStepError(
+            f"{len(train_set)} training images make no batch of {cfg.batch_size} per process; lower --batch-size"
+        )
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    optimizer, scheduler = _optimization(cfg, model, steps)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp and ctx.device.type == "cuda")
+    start, best = 0, {"score": -1.0, "epoch": -1}
+    last_path = run_dir / LAST
+    if resume:
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start, best = int(state["epoch"]), dict(state["best"])
+        if start >= cfg.epochs:
+            log.info("%s: all %d epochs are done; pass a larger --epochs to train on", run_dir, cfg.epochs)
+        if ctx.is_main:
+            trim_metrics(run_dir / METRICS, start)
+        log.info("resuming %s at epoch %d/%d", run_dir, start + 1, cfg.epochs)
+    if ctx.is_main:
+        save_detect_config(cfg, run_dir / CONFIG)
+        log.info("%s", val_set.report.summary())
+    forward: nn.Module = model
+    if ctx.distributed:
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    categories = train_set.categories
+    with RunLog(run_dir, ctx, epochs=cfg.epochs, tensorboard=False, callbacks=callbacks) as runlog:
+        for epoch in range(start, cfg.epochs):
+            started = time.perf_counter()
+            seed_all(cfg.seed * 100003 + epoch * 1009 + ctx.rank)  # this epoch's randomness, and nothing else's
+            sampler.set_epoch(epoch)
+            loader = DataLoader(
+                robust(train_set), batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                collate_fn=collate_detection, drop_last=True, persistent_workers=False,
+                generator=torch.Generator().manual_seed(cfg.seed + epoch),
+            )
+            runlog.epoch_start(epoch, steps)
+            record: Dict[str, Any] = {"epoch": epoch}
+            record.update(_train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler, epoch, runlog, steps, last_path))
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                metrics = evaluate_detector(model, val_set, ctx=ctx, batch_size=cfg.batch_size, workers=cfg.workers)
+                record.update(_flatten(metrics))
+                score = _score(cfg, metrics)
+                if score > best["score"]:
+                    best = {"score": score, "epoch": epoch}
+                    record["best"] = True
+                    if ctx.is_main:
+                        save_detector(model, run_dir / BEST_DETECTOR, categories=categories, extra={"epoch": epoch, "metrics": metrics})
+            if ctx.is_main:
+                state = {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best,
+                    "detector_config": model.detector_config.to_dict(), "categories": categories_to_dict(categories),
+                    "config": json.dumps(cfg.to_dict()),
+                }
+                atomic_write(last_path, lambda tmp: torch.save(state, tmp))
+            runlog.record(record)
+            runlog.epoch_end(record, cfg.epochs - epoch - 1, time.perf_counter() - started)
+            barrier()
+    return _finish(cfg, ctx, run_dir, model, (train_set, val_set), best, categories)
+
+
+def _finish(cfg, ctx, run_dir: Path, model: nn.Module, sets: Tuple[CocoSet, CocoSet], best: Dict[str, Any], categories) -> Dict[str, Any]:
+    """Fold the best weights into ``deploy.safetensors`` (checked on validation images) and write ``final.json``."""
+    from .files import load_detector
+
+    train_set, val_set = sets
+    summary: Dict[str, Any] = {"run": str(run_dir), "best_epoch": best["epoch"]}
+    if not ctx.is_main:
+        return summary
+    best_path = run_dir / BEST_DETECTOR
+    source = load_detector(best_path)[0] if best_path.is_file() else model.cpu().eval()
+    probe = [val_set[i][0] for i in range(min(2, len(val_set)))]
+    folded, diff = fold_and_check(source, probe)
+    save_detector(folded, run_dir / DEPLOY_DETECTOR, categories=categories)
+    metrics_path = run_dir / METRICS
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.is_file() else []
+    best_record = next((r for r in records if r["epoch"] == best["epoch"]), {})
+    summary.update(
+        detector=cfg.detector, backbone=cfg.backbone, epochs=cfg.epochs, seed=cfg.seed, categories=categories_to_dict(categories),
+        best={k: v for k, v in best_record.items() if k.startswith(("bbox_", "segm_"))},
+        deploy_max_box_diff_px=diff,
+        parameters=sum(p.numel() for p in folded.parameters()),
+        annotation_report={"train": train_set.report.to_dict(), "val": val_set.report.to_dict()},
+    )
+    text = json.dumps(summary, indent=2)
+    atomic_write(run_dir / FINAL, lambda tmp: Path(tmp).write_text(text))
+    if not math.isfinite(diff):
+        raise RuntimeError("the folded detector produced non-finite boxes")
+    return summary

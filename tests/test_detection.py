@@ -1,0 +1,366 @@
+"""Detection: detectors on RepGhostNet and comparison backbones, folding inside them, COCO data
+handling, pycocotools evaluation, training with exact resume, and the ``repghost detect`` CLI.
+Real torchvision detectors, real pycocotools, real files; small sizes so it runs on 2 CPU cores."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+pytest.importorskip("pycocotools")
+
+from conftest import randomize_bn  # noqa: E402
+from repghost import create_model, model_form, reparameterize_model, save_checkpoint  # noqa: E402
+from repghost.cli import main  # noqa: E402
+from repghost.detection import create_detector  # noqa: E402
+from repghost.detection.config import load_detect_config  # noqa: E402
+from repghost.detection.data import AnnotationError, CocoSet, collate_detection, robust, train_transforms  # noqa: E402
+from repghost.detection.evaluate import coco_metrics, to_coco_results  # noqa: E402
+from repghost.detection.files import load_detector  # noqa: E402
+from repghost.detection.synthetic import make_synthetic_coco  # noqa: E402
+from repghost.detection.train import train_detector  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*copy=False.*", category=DeprecationWarning)
+SMALL = dict(preset="light", min_size=96, max_size=96)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return make_synthetic_coco(tmp_path_factory.mktemp("synth"), train_images=16, val_images=6, size=96, seed=3, non_contiguous_ids=True)
+
+
+# ------------------------------------------------------------------------------------------
+# detectors and folding
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["retinanet", "maskrcnn", "fcos"])
+def test_folded_detector_gives_the_same_detections(kind):
+    torch.manual_seed(0)
+    det = create_detector(kind, "repghostnet_050", 3, score_thresh=0.0, **SMALL)
+    randomize_bn(det.backbone.body, seed=1)
+    det.eval()
+    images = [torch.rand(3, 96, 96), torch.rand(3, 80, 112)]
+    with torch.no_grad():
+        before = det(images)
+    assert model_form(det.backbone.body) == "train"
+    same = reparameterize_model(det, inplace=True)
+    assert same is det and model_form(det.backbone.body) == "deploy"
+    assert not any(isinstance(m, _BatchNorm) for m in det.backbone.modules())
+    with torch.no_grad():
+        after = det(images)
+    for a, b in zip(before, after):
+        assert len(a["boxes"]) > 0 and len(a["boxes"]) == len(b["boxes"])
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=2e-3, rtol=0)
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-4, rtol=0)
+        if kind == "maskrcnn":
+            torch.testing.assert_close(a["masks"], b["masks"], atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backbone", ["repghostnet_100", "mobilenet_v3_large", "ghostnet_100"])
+def test_every_backbone_feeds_the_fpn_at_the_same_strides(backbone):
+    det = create_detector("maskrcnn", backbone, 2, **SMALL).eval()
+    with torch.no_grad():
+        feats = det.backbone(torch.rand(1, 3, 128, 128))
+    assert list(feats) == ["0", "1", "2", "3", "pool"]
+    assert [f.shape[-1] for f in feats.values()] == [32, 16, 8, 4, 2]  # strides 4, 8, 16, 32, 64
+    assert all(f.shape[1] == 64 for f in feats.values())  # the light preset's FPN width
+    retina = create_detector("retinanet", backbone, 2, **SMALL).eval()
+    with torch.no_grad():
+        feats = retina.backbone(torch.rand(1, 3, 128, 128))
+    assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2, 1]  # P3-P7
+
+
+def test_light_preset_is_much_smaller_than_torchvisions_heads():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    light = create_detector("retinanet", "repghostnet_100", 80, preset="light")
+    standard = create_detector("retinanet", "repghostnet_100", 80, preset="standard")
+    assert count(light.head) * 10 < count(standard.head)
+    assert light.detector_config.fpn_channels == 64 and standard.detector_config.fpn_channels == 256
+    assert create_detector("retinanet", "repghostnet_100", 80, preset="light", fpn_channels=96).detector_config.fpn_channels == 96
+
+
+def test_frozen_stages_and_frozen_bn():
+    det = create_detector("retinanet", "repghostnet_050", 2, trainable_stages=2, frozen_bn=True, **SMALL)
+    stages = det.backbone.body.stages  # stem, blocks.0 .. blocks.8
+    assert not any(p.requires_grad for p in stages[0].parameters())  # stride 2: frozen
+    assert not any(p.requires_grad for p in stages[3].parameters() if p.dim() > 1)  # blocks.2 (stride 4): frozen
+    assert any(p.requires_grad for p in stages[9].parameters())  # blocks.8 (stride 32): trained
+    assert all(p.requires_grad for p in det.head.parameters())
+    det.train()
+    bns = [m for m in det.backbone.body.modules() if isinstance(m, _BatchNorm)]
+    assert bns and not any(m.training for m in bns) and not any(p.requires_grad for m in bns for p in m.parameters())
+    before = [m.running_mean.clone() for m in bns]
+    det([torch.rand(3, 96, 96)], [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([1])}])
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
+    with pytest.raises(ValueError, match="trainable_stages"):
+        create_detector("retinanet", "repghostnet_050", 2, trainable_stages=6)
+
+
+def test_backbone_weights_from_a_classification_checkpoint(tmp_path):
+    net = randomize_bn(create_model("repghostnet_050", num_classes=7), seed=4)
+    save_checkpoint(net, tmp_path / "cls.safetensors")
+    det = create_detector("retinanet", "repghostnet_050", 2, backbone_weights=str(tmp_path / "cls.safetensors"), **SMALL)
+    torch.testing.assert_close(det.backbone.body.stages[0].conv.weight, net.stem.conv.weight)
+    torch.testing.assert_close(det.backbone.body.stages[5][0].ghost1.primary.bn.running_var, net.blocks[4][0].ghost1.primary.bn.running_var)
+
+
+def test_bad_detector_options_are_named():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet50'"):
+        create_detector("retinanet", "resnet50", 2)
+    with pytest.raises(ValueError, match="unknown detector"):
+        create_detector("yolo", "repghostnet_100", 2)
+    with pytest.raises(ValueError, match="unknown detector option"):
+        create_detector("retinanet", "repghostnet_100", 2, fpn_width=3)
+
+
+# ------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------
+def _awkward_set(tmp: Path, synth: Path) -> Path:
+    """The synthetic val file plus what real files hold: gapped ids, crowd, degenerate and
+    out-of-image boxes, an image without annotations, a missing and a corrupt image file."""
+    data = json.loads((synth / "val.json").read_text())
+    first = data["images"][0]
+    cat = data["categories"][0]["id"]
+    base = dict(category_id=cat, segmentation=[[5, 5, 20, 5, 20, 20, 5, 20]], area=225.0)
+    data["annotations"] += [
+        dict(base, id=9001, image_id=first["id"], bbox=[5, 5, 15, 15], iscrowd=1),
+        dict(base, id=9002, image_id=first["id"], bbox=[30, 30, 0, 12], iscrowd=0),  # zero width
+        dict(base, id=9003, image_id=first["id"], bbox=[80, 80, 40, 40], iscrowd=0),  # partly outside
+    ]
+    data["images"] += [
+        dict(id=801, file_name="empty.png", width=96, height=96),
+        dict(id=802, file_name="gone.png", width=96, height=96),
+        dict(id=803, file_name="broken.png", width=96, height=96),
+    ]
+    images = tmp / "images"
+    images.mkdir()
+    for img in data["images"][:-3]:
+        (images / img["file_name"]).write_bytes((synth / "images" / img["file_name"]).read_bytes())
+    (images / "empty.png").write_bytes((synth / "images" / first["file_name"]).read_bytes())
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp / "ann.json").write_text(json.dumps(data))
+    return tmp
+
+
+def test_awkward_annotations_are_counted_and_handled(tmp_path, synth):
+    root = _awkward_set(tmp_path, synth)
+    ds = CocoSet(root / "ann.json", root / "images", masks=True, transforms=train_transforms(96, scale_range=(1.0, 1.0), hflip=0.0))
+    r = ds.report
+    assert (r.crowd, r.degenerate, r.clipped, r.missing_images, r.images_without_annotations) == (1, 1, 1, 1, 3)  # empty, gone and broken have none
+    assert ds.categories.ids == (3, 7, 11)  # the file's gapped ids
+    assert len(ds) == r.images - 1  # the missing file is left out
+    by_id = {img_id: i for i, img_id in enumerate(ds.ids)}
+    image, target = ds[by_id[801]]
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,) and target["masks"].shape[0] == 0
+    first = json.loads((synth / "val.json").read_text())["images"][0]["id"]
+    image, target = ds[by_id[first]]
+    n_file = sum(1 for a in json.loads((root / "ann.json").read_text())["annotations"] if a["image_id"] == first)
+    assert len(target["boxes"]) == n_file - 2  # crowd and zero-width dropped; the clipped one kept
+    assert target["boxes"].max() <= 96 and set(target["labels"].tolist()) <= {1, 2, 3}
+    assert target["masks"].shape[0] == len(target["boxes"])
+    samples = [robust(ds)[i] for i in range(len(ds))]
+    assert samples[by_id[803]] is None  # the corrupt file
+    images, targets, skipped = collate_detection(samples)
+    assert skipped == 1 and len(images) == len(ds) - 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json at all", "not JSON"),
+    ("[1, 2, 3]", "not COCO instances JSON"),
+    ('{"images": [], "annotations": []}', "'categories'"),
+])
+def test_an_annotation_file_that_is_not_coco_is_named(tmp_path, content, message):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(AnnotationError, match=message) as err:
+        CocoSet(tmp_path / "bad.json", tmp_path / "images")
+    assert "bad.json" in str(err.value)
+
+
+def test_masks_are_required_for_mask_rcnn(tmp_path, synth):
+    data = json.loads((synth / "val.json").read_text())
+    for ann in data["annotations"]:
+        ann.pop("segmentation")
+    (tmp_path / "boxes.json").write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match="no 'segmentation'"):
+        CocoSet(tmp_path / "boxes.json", synth / "images", masks=True)
+    assert len(CocoSet(tmp_path / "boxes.json", synth / "images")) == len(data["images"])
+
+
+def test_ground_truth_as_detections_scores_ap_one_in_the_files_ids(synth):
+    ds = CocoSet(synth / "val.json", synth / "images")
+    results = []
+    for img_id in ds.ids:
+        anns = ds.coco.imgToAnns[img_id]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns])
+        labels = torch.tensor([ds.categories.label(a["category_id"]) for a in anns])
+        results += to_coco_results({"boxes": boxes, "scores": torch.ones(len(anns)), "labels": labels}, img_id, ds.categories)
+    assert {r["category_id"] for r in results} <= {3, 7, 11}
+    m = coco_metrics(ds.coco, results, ds.ids, ["bbox"])["bbox"]
+    assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0)
+    shifted = [dict(r, category_id={3: 7, 7: 11, 11: 3}[r["category_id"]]) for r in results]  # wrong classes
+    assert coco_metrics(ds.coco, shifted, ds.ids, ["bbox"])["bbox"]["AP"] == pytest.approx(0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# training, resume, files, CLI
+# ------------------------------------------------------------------------------------------
+def _tiny_config(synth: Path, out: Path, **kw):
+    values = dict(
+        detector="retinanet", backbone="repghostnet_050", data="coco", train_ann=str(synth / "train.json"),
+        train_images=str(synth / "images"), val_ann=str(synth / "val.json"), val_images=str(synth / "images"),
+        img_size=96, batch_size=4, epochs=2, lr=0.01, warmup_epochs=0.5, workers=0, output=str(out), log_interval=2,
+    )
+    values.update(kw)
+    return load_detect_config(None, values)
+
+
+class _KillInSecondEpoch:
+    """Progress callbacks that stop the run in the middle of its second epoch, as a kill would."""
+
+    epoch = 0
+
+    def on_epoch_start(self, epoch, epochs, steps):
+        self.epoch = epoch
+
+    def on_step(self, step, metrics):
+        if self.epoch == 1 and step == 2:
+            raise KeyboardInterrupt
+
+    def on_epoch_end(self, record):
+        pass
+
+
+@pytest.mark.slow
+def test_a_resumed_run_makes_the_same_updates(tmp_path, synth):
+    straight = train_detector(_tiny_config(synth, tmp_path / "straight"))
+    assert straight["best_epoch"] in (0, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(_tiny_config(synth, tmp_path / "split"), callbacks=_KillInSecondEpoch())
+    assert torch.load(tmp_path / "split" / "last.pth", weights_only=True)["epoch"] == 1
+    with pytest.raises(Exception, match="already holds a run"):
+        train_detector(_tiny_config(synth, tmp_path / "split"))
+    train_detector(_tiny_config(synth, tmp_path / "split"), resume=True)
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and "bbox_AP50" in records[-1]
+    # The folded detector file rebuilds itself and gives the train form's detections.
+    deploy, cats, form = load_detector(tmp_path / "split" / "deploy.safetensors")
+    best, _, _ = load_detector(tmp_path / "split" / "best.safetensors")
+    assert form == "deploy" and cats.ids == (3, 7, 11) and model_form(deploy.backbone.body) == "deploy"
+    image = CocoSet(synth / "val.json", synth / "images")[0][0]
+    with torch.no_grad():
+        x, y = best([image])[0], deploy([image])[0]
+    assert len(x["boxes"]) == len(y["boxes"])
+    torch.testing.assert_close(x["boxes"], y["boxes"], atol=2e-3, rtol=0)
+    with pytest.raises(Exception, match="cannot change"):
+        train_detector(_tiny_config(synth, tmp_path / "split", epochs=3, backbone="repghostnet_100"), resume=True)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, synth):
+    from repghost.training.epoch import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        train_detector(_tiny_config(synth, tmp_path / "nan", epochs=1, lr=1e30, clip_grad=None, warmup_epochs=0.0, max_steps_per_epoch=3))
+
+
+def test_reading_a_file_that_is_no_detector_says_so(tmp_path):
+    save_checkpoint(create_model("repghostnet_050"), tmp_path / "cls.safetensors")
+    with pytest.raises(Exception, match="not a repghost detector file"):
+        load_detector(tmp_path / "cls.safetensors")
+    torch.save({"state_dict": {}}, tmp_path / "x.pth")
+    with pytest.raises(Exception, match="not a `repghost detect train` checkpoint"):
+        load_detector(tmp_path / "x.pth")
+
+
+@pytest.mark.slow
+def test_detect_cli_train_eval_predict_export(tmp_path, synth, capsys):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    common = ["--train-ann", str(synth / "train.json"), "--train-images", str(synth / "images"),
+              "--val-ann", str(synth / "val.json"), "--val-images", str(synth / "images")]
+    assert main(["detect", "train", "--detector", "maskrcnn", "--backbone", "repghostnet_050", *common, "--img-size", "96",
+                 "--epochs", "1", "-b", "4", "-j", "0", "--output", str(run), "--no-progress", "--set", "warmup_epochs=0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "segm_AP" in out and (run / "deploy.safetensors").is_file()
+    assert main(["detect", "eval", "--checkpoint", str(run / "deploy.safetensors"), "--ann", str(synth / "val.json"),
+                 "--images", str(synth / "images"), "--out", str(tmp_path / "m.json"), "-j", "0"]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert {"bbox", "segm"} <= set(metrics) and metrics["images"] == 6 and metrics["form"] == "deploy"
+    image = next((synth / "images").glob("val_*.png"))
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    assert main(["detect", "predict", "--checkpoint", str(run / "best.safetensors"), str(image), str(tmp_path / "junk.png"),
+                 "--out", str(tmp_path / "pred"), "--score-thresh", "0.0"]) == 0
+    report = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert len(report["images"]) == 1 and len(report["skipped"]) == 1
+    from PIL import Image
+
+    with Image.open(tmp_path / "pred" / f"{image.stem}.png") as drawn, Image.open(image) as original:
+        import numpy as np
+
+        assert drawn.size == original.size and not np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(original.convert("RGB")))
+    assert main(["detect", "export", "--checkpoint", str(run / "best.safetensors"), "--out", str(tmp_path / "det.onnx")]) == 0
+    assert "verified in onnxruntime" in capsys.readouterr().out
+    assert main(["detect", "eval", "--checkpoint", str(run / "best.safetensors"), "--ann", str(tmp_path / "nope.json"),
+                 "--images", str(synth / "images")]) == 2
+    assert "nope.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
+    import yaml
+
+    from repghost.ablation.detection import run_detection_study
+
+    values = _tiny_config(synth, tmp_path / "unused", epochs=1, max_steps_per_epoch=2).to_dict()
+    values.pop("output")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
+    report = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", backbones=("repghostnet_050", "ghostnet_050"), seeds=2, latency_rounds=3)
+    assert [(r["backbone"], r["seed"]) for r in report["runs"]] == [("repghostnet_050", 0), ("repghostnet_050", 1), ("ghostnet_050", 0), ("ghostnet_050", 1)]
+    for b in report["backbones"].values():
+        assert b["bbox_AP50"]["n"] == 2 and b["bbox_AP50"]["std"] is not None
+        assert b["parameters"] > 0 and b["macs"] > 0 and set(b["latency"]) == {"eager", "onnxruntime"}
+    assert report["comparisons"][0]["worse"] == "ghostnet_050" and "verdict" in report["comparisons"][0]
+    assert (tmp_path / "out" / "detection.md").read_text().startswith("| backbone |")
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*/last.pth")}
+    again = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", backbones=("repghostnet_050", "ghostnet_050"), seeds=2, latency_rounds=0)
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # finished runs are not trained again
+    assert [r["bbox_AP50"] for r in again["runs"]] == [r["bbox_AP50"] for r in report["runs"]]
+
+
+def test_the_whole_retinanet_exports_as_one_onnx_graph(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from repghost.detection.export import FullGraphMismatch, _match_detections, export_full_onnx
+
+    torch.manual_seed(0)
+    det = create_detector("retinanet", "repghostnet_050", 3, score_thresh=0.0, detections_per_img=5, **SMALL)
+    randomize_bn(det.backbone.body, seed=2)
+    images = [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    path, diff = export_full_onnx(det.eval(), tmp_path / "full.onnx", images, min_score=0.0)
+    assert Path(path).is_file() and diff < 0.05
+    import onnx
+
+    def ops(graph):  # subgraphs included: torchvision's NMS sits in an If branch
+        for node in graph.node:
+            yield node.op_type
+            for attr in node.attribute:
+                for sub in [attr.g, *attr.graphs]:
+                    yield from ops(sub)
+
+    assert {"NonMaxSuppression", "TopK", "Resize"} <= set(ops(onnx.load(path).graph))  # post-processing in the graph
+    ref = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([2])}
+    with pytest.raises(FullGraphMismatch, match="no counterpart"):
+        _match_detections(ref, [[[1.0, 2.0, 30.0, 40.0]], [0.9], [1]], 0.3, 0.05)  # another label
+    with pytest.raises(FullGraphMismatch, match="differ"):
+        _match_detections(ref, [[[1.0, 2.0, 31.0, 40.0]], [0.9], [2]], 0.3, 0.05)
+    with pytest.raises(ValueError, match="RetinaNet and FCOS"):
+        export_full_onnx(create_detector("maskrcnn", "repghostnet_050", 3, **SMALL).eval(), tmp_path / "m.onnx", images)
+    assert not (tmp_path / "m.onnx").exists()

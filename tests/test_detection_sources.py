@@ -1,0 +1,290 @@
+"""The detection sets fetched from real PyPI archives (deepforest, imgaug, sahi): real files, no mocks.
+
+Needs network to PyPI on the first fetch; without it every test that needs a set is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from repghost.detection import sources
+from repghost.detection.sources import DownloadError, fetch, fetch_deepforest, fetch_quokka
+
+# pycocotools' mask decoding (annToMask) trips a NumPy 2 deprecation inside pycocotools itself.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+# Found in the deepforest==2.1.0 wheel (deepforest/data/*.xml): 574 + 279 boxes on two YELL crops
+# (2299x2472 and 1249x1035), 61 on OSBS_029 and 37 on SOAP_061 (400x400 each).
+DEEPFOREST_SOURCE_BOXES = 951
+# Source image -> (width, height, boxes).
+DEEPFOREST_IMAGES = {
+    "2019_YELL_2_528000_4978000_image_crop2.png": (2299, 2472, 574),
+    "2019_YELL_2_541000_4977000_image_crop.png": (1249, 1035, 279),
+    "OSBS_029.tif": (400, 400, 61),
+    "SOAP_061.png": (400, 400, 37),
+}
+# sahi's terrain2_coco.json gives every car the area of the whole 1024x682 image.
+TERRAIN_WRONG_AREA = 1024 * 682
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("detection-data")
+
+
+def _fetch_or_skip(name: str, cache: Path) -> Path:
+    try:
+        return fetch(name, cache)
+    except DownloadError as e:
+        pytest.skip(f"cannot download the {name} source package (no network to PyPI?): {e}")
+
+
+@pytest.fixture(scope="module")
+def deepforest(cache: Path) -> Path:
+    return _fetch_or_skip("deepforest", cache)
+
+
+@pytest.fixture(scope="module")
+def quokka(cache: Path) -> Path:
+    return _fetch_or_skip("quokka", cache)
+
+
+@pytest.fixture(scope="module")
+def terrain(cache: Path) -> Path:
+    return _fetch_or_skip("terrain", cache)
+
+
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Make every ``pip download`` child fail: no index, and find-links pointing at an empty folder."""
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------- deepforest
+
+def test_deepforest_split_shares_no_source_image_and_tiles_do_not_overlap(deepforest: Path) -> None:
+    train, val = _load(deepforest / "train.json"), _load(deepforest / "val.json")
+    meta = _load(deepforest / "meta.json")
+    assert meta["split_by"] == "source_image"
+    for split, coco in (("train", train), ("val", val)):
+        assert coco["images"], f"{split} is empty"
+        assert sorted({i["source_image"] for i in coco["images"]}) == meta["splits"][split]["source_images"]
+        assert sorted({i["site"] for i in coco["images"]}) == meta["splits"][split]["sites"]
+    assert not {i["source_image"] for i in train["images"]} & {i["source_image"] for i in val["images"]}
+    assert all(sources._site(i["source_image"]) == i["site"] for i in train["images"] + val["images"])
+    # Source images sorted by name; target 0.3 * 951 = 285.3 boxes: the 574-box crop overshoots, the
+    # 279-box crop gets closest, and adding OSBS (61) or SOAP (37) would move val away again.
+    assert meta["splits"]["val"]["source_images"] == ["2019_YELL_2_541000_4977000_image_crop.png"]
+    assert meta["splits"]["train"]["source_images"] == [
+        "2019_YELL_2_528000_4978000_image_crop2.png", "OSBS_029.tif", "SOAP_061.png"]
+    assert (meta["splits"]["train"]["source_boxes"], meta["splits"]["val"]["source_boxes"]) == (672, 279)
+    # Split by scene, not site: YELL is in both splits (two scenes ~13 km apart).
+    assert meta["splits"]["val"]["sites"] == ["YELL"]
+    assert meta["splits"]["train"]["sites"] == ["OSBS", "SOAP", "YELL"]
+
+    # The tiles of each source image partition it: pairwise disjoint, together exactly its area.
+    tiles: dict = {}
+    for image in train["images"] + val["images"]:
+        x0, y0 = image["tile_origin"]
+        tiles.setdefault(image["source_image"], []).append((x0, y0, x0 + image["width"], y0 + image["height"]))
+    assert sorted(tiles) == sorted(DEEPFOREST_IMAGES)
+    for name, rects in tiles.items():
+        width, height, _ = DEEPFOREST_IMAGES[name]
+        assert all(0 <= a and 0 <= b and c <= width and d <= height for a, b, c, d in rects), name
+        for i, (a0, b0, a1, b1) in enumerate(rects):
+            for c0, d0, c1, d1 in rects[i + 1:]:
+                assert a1 <= c0 or c1 <= a0 or b1 <= d0 or d1 <= b0, f"{name}: tiles overlap"
+        assert sum((c - a) * (d - b) for a, b, c, d in rects) == width * height, name
+
+
+def test_deepforest_boxes_lie_inside_their_tiles(deepforest: Path) -> None:
+    for split in ("train", "val"):
+        coco = _load(deepforest / f"{split}.json")
+        images = {i["id"]: i for i in coco["images"]}
+        for image in coco["images"]:
+            with Image.open(deepforest / "images" / image["file_name"]) as img:
+                assert img.mode == "RGB"
+                assert img.size == (image["width"], image["height"])
+                assert image["width"] <= 400 and image["height"] <= 400
+        assert coco["annotations"]
+        for ann in coco["annotations"]:
+            x, y, w, h = ann["bbox"]
+            image = images[ann["image_id"]]
+            assert 0 <= x and 0 <= y and x + w <= image["width"] and y + h <= image["height"], ann
+            assert w >= 2 and h >= 2
+            assert ann["area"] == pytest.approx(w * h)
+            assert ann["category_id"] == 1 and ann["iscrowd"] == 0
+        assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
+
+
+def test_deepforest_counts(deepforest: Path) -> None:
+    meta = _load(deepforest / "meta.json")
+    train, val = _load(deepforest / "train.json"), _load(deepforest / "val.json")
+    assert meta["source_boxes"] == DEEPFOREST_SOURCE_BOXES
+    assert meta["splits"]["train"]["source_boxes"] + meta["splits"]["val"]["source_boxes"] == DEEPFOREST_SOURCE_BOXES
+    # Tiles: 2299x2472 -> 6 x 7 (383/384 x 353/354 px), 1249x1035 -> 4 x 3 (312/313 x 345 px),
+    # 400x400 -> 1 each; train = the 2299x2472 crop + OSBS + SOAP, val = the 1249x1035 crop.
+    assert len(train["images"]) == meta["splits"]["train"]["images"] == 42 + 1 + 1
+    assert len(val["images"]) == meta["splits"]["val"]["images"] == 12
+    # Tiles do not overlap, so each box lands in exactly one tile (the one holding its centre): the tile
+    # boxes are the source boxes less the dropped ones (clipped under 2 px; none found, 152 clipped).
+    assert meta["dropped"] == 0 and meta["clipped"] == 152 and meta["boxes_outside_image"] == 0
+    assert len(train["annotations"]) == meta["splits"]["train"]["boxes"] == 672
+    assert len(val["annotations"]) == meta["splits"]["val"]["boxes"] == 279
+    assert (len(train["annotations"]) + len(val["annotations"])
+            == DEEPFOREST_SOURCE_BOXES - meta["dropped"] - meta["boxes_outside_image"])
+    per_source: dict = {}
+    for coco in (train, val):
+        source_of = {i["id"]: i["source_image"] for i in coco["images"]}
+        for ann in coco["annotations"]:
+            per_source[source_of[ann["image_id"]]] = per_source.get(source_of[ann["image_id"]], 0) + 1
+    assert per_source == {name: boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items()}
+    assert meta["license"] == "MIT" and meta["source"] == "deepforest==2.1.0"
+
+
+def test_all_sets_load_with_pycocotools(deepforest: Path, quokka: Path, terrain: Path) -> None:
+    expected = {deepforest / "train.json": "tree", deepforest / "val.json": "tree",
+                quokka / "annotations.json": "quokka", terrain / "annotations.json": "car"}
+    for path, category in expected.items():
+        coco = COCO(str(path))
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == [category]
+        assert coco.getAnnIds()
+        for image in coco.dataset["images"]:
+            assert (path.parent / "images" / image["file_name"]).is_file()
+
+
+# ------------------------------------------------------------------------------------------- quokka
+
+def test_quokka_polygon_and_area(quokka: Path) -> None:
+    coco = COCO(str(quokka / "annotations.json"))
+    (ann,) = coco.dataset["annotations"]
+    (image,) = coco.dataset["images"]
+    with Image.open(quokka / "images" / "quokka.jpg") as img:
+        assert img.size == (image["width"], image["height"]) == (960, 643)
+    (polygon,) = ann["segmentation"]
+    assert len(polygon) == 2 * 39
+    xs, ys = polygon[0::2], polygon[1::2]
+    assert max(xs) <= image["width"] and max(ys) <= image["height"]
+    assert ann["bbox"] == [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+    pixels = int(coco.annToMask(ann).sum())
+    assert ann["area"] == pixels
+    assert 0.25 * ann["bbox"][2] * ann["bbox"][3] < pixels < ann["bbox"][2] * ann["bbox"][3]
+
+
+# ------------------------------------------------------------------------------------------- terrain
+
+def test_terrain_areas_recomputed(terrain: Path) -> None:
+    coco = COCO(str(terrain / "annotations.json"))
+    anns = coco.dataset["annotations"]
+    assert len(anns) == 5
+    (image,) = coco.dataset["images"]
+    with Image.open(terrain / "images" / image["file_name"]) as img:
+        assert img.mode == "RGB" and img.size == (image["width"], image["height"]) == (1024, 682)
+    for ann in anns:
+        assert ann["area"] != TERRAIN_WRONG_AREA
+        assert ann["area"] == int(coco.annToMask(ann).sum()) > 0
+        rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], image["height"], image["width"]))
+        assert ann["area"] == int(mask_utils.area(rle))
+        x, y, w, h = ann["bbox"]
+        assert w * h == pytest.approx(ann["area"], rel=0.05)  # the polygons are rectangles
+    fixed = _load(terrain / "meta.json")["fixed"]
+    assert sorted(f["annotation_id"] for f in fixed if f["field"] == "area") == [1, 2, 3, 4, 5]
+    assert all(f["was"] == TERRAIN_WRONG_AREA for f in fixed if f["field"] == "area")
+
+
+# ------------------------------------------------------------------------------------------- caching
+
+def test_second_fetch_uses_the_cache_without_network(deepforest: Path, quokka: Path, terrain: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cache = deepforest.parent
+    before = {p: (p.stat().st_ino, (p / "meta.json").stat().st_ino) for p in (deepforest, quokka, terrain)}
+    listing = sorted(os.listdir(cache))
+    _offline(monkeypatch, tmp_path)
+    assert fetch_deepforest(cache) == deepforest
+    assert fetch("quokka", cache) == quokka
+    assert fetch("terrain", cache) == terrain
+    assert {p: (p.stat().st_ino, (p / "meta.json").stat().st_ino) for p in before} == before
+    assert sorted(os.listdir(cache)) == listing  # no staging folder was made
+
+
+def test_failed_fetch_raises_and_leaves_nothing_behind(deepforest: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    _offline(monkeypatch, tmp_path)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError, match="PyPI") as info:
+        fetch_quokka(fresh)
+    assert "imgaug==0.4.0" in str(info.value)
+    assert os.listdir(fresh) == []
+
+    # Other options need a new set; its failed download keeps the cached one as it was.
+    cache = deepforest.parent
+    meta = (deepforest / "meta.json").read_text()
+    listing = sorted(os.listdir(cache))
+    with pytest.raises(DownloadError):
+        fetch_deepforest(cache, val_fraction=0.5)
+    assert (deepforest / "meta.json").read_text() == meta
+    assert sorted(os.listdir(cache)) == listing
+
+
+# ------------------------------------------------------------------------------------------- small parts
+
+def test_fetch_rejects_unknown_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="deepforest, quokka, terrain"):
+        fetch("coco2017", tmp_path)
+    assert sorted(sources.SOURCES) == ["deepforest", "quokka", "terrain"]
+    assert all(s["license"] == "MIT" and "==" in s["package"] for s in sources.SOURCES.values())
+
+
+def test_default_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("REPGHOST_DATA", str(tmp_path / "data"))
+    assert sources.default_cache() == tmp_path / "data"
+    monkeypatch.delenv("REPGHOST_DATA")
+    assert sources.default_cache() == Path.home() / ".cache" / "repghost" / "data"
+
+
+def test_tiling_and_site_helpers() -> None:
+    assert sources._tile_spans(1249, 400) == [(0, 312), (312, 312), (624, 312), (936, 313)]
+    assert sources._tile_spans(800, 400) == [(0, 400), (400, 400)]
+    assert sources._tile_spans(300, 400) == [(0, 300)]
+    assert sources._tile_spans(400, 400) == [(0, 400)]
+    for size, n in ((2299, 6), (2472, 7), (1035, 3), (401, 2), (1, 1)):
+        spans = sources._tile_spans(size, 400)
+        assert len(spans) == n
+        assert [s for s, _ in spans] == [sum(l for _, l in spans[:i]) for i in range(n)]  # contiguous
+        assert sum(l for _, l in spans) == size
+        lengths = [l for _, l in spans]
+        assert max(lengths) <= 400 and max(lengths) - min(lengths) <= 1
+    with pytest.raises(ValueError):
+        sources._tile_spans(0, 400)
+    assert sources._site("2019_YELL_2_528000_4978000_image_crop2.png") == "YELL"
+    assert sources._site("OSBS_029.tif") == "OSBS"
+    assert sources._site("image_crop.png") is None
+    assert sources._split_groups({"OSBS": 61, "SOAP": 37, "YELL": 853}, 0.3) == ["OSBS", "SOAP"]
+    assert sources._split_groups({name: boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items()}, 0.3) == [
+        "2019_YELL_2_541000_4977000_image_crop.png"]
+    assert sources._split_groups({"A": 900, "B": 100}, 0.3) == ["B"]
+    assert sources._split_groups({"A": 50, "B": 60}, 0.9) == ["A"]  # one group always stays in train
+
+
+def test_to_rgb_converts_16_bit_and_alpha() -> None:
+    grey16 = Image.fromarray(np.array([[0, 65535], [257, 32896]], dtype=np.uint16))
+    assert grey16.mode.startswith("I;16")
+    rgb = np.asarray(sources._to_rgb(grey16))
+    assert rgb.shape == (2, 2, 3) and rgb[..., 0].tolist() == [[0, 255], [1, 128]]
+    rgba = Image.fromarray(np.array([[[200, 100, 50, 0], [200, 100, 50, 255]]], dtype=np.uint8), "RGBA")
+    assert np.asarray(sources._to_rgb(rgba)).tolist() == [[[0, 0, 0], [200, 100, 50]]]
