@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import yaml
 
 from ..files import atomic_write
-from ..training.config import check_field_types
+from ..training.config import check_field_types, load_dataclass_config
 from .backbones import list_backbones
 from .models import DETECTORS, HEAD_PRESETS
 
@@ -124,26 +124,9 @@ class DetectTrainConfig:
         return dataclasses.asdict(self)
 
 
-def _field_names() -> List[str]:
-    return [f.name for f in dataclasses.fields(DetectTrainConfig)]
-
-
 def load_detect_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optional[Mapping[str, Any]] = None) -> DetectTrainConfig:
     """Defaults, then the YAML file, then the overrides (``None`` values are ignored)."""
-    values: Dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{p}: a config file must be a mapping of field: value")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = sorted(set(values) - set(_field_names()))
-    if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; valid fields: {', '.join(_field_names())}")
-    return DetectTrainConfig(**values)
+    return load_dataclass_config(DetectTrainConfig, path, overrides)
 
 
 def save_detect_config(cfg: DetectTrainConfig, path: Union[str, os.PathLike]) -> None:

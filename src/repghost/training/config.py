@@ -25,7 +25,7 @@ from ..files import atomic_write
 from .data import DATASETS
 from ..models import config as C
 
-__all__ = ["TrainConfig", "load_config", "check_field_types", "is_timm_model", "VARIANT_FIELDS", "resolve_lr", "resolve_warmup", "save_config", "timm_schedules"]
+__all__ = ["TrainConfig", "load_config", "load_dataclass_config", "check_field_types", "is_timm_model", "VARIANT_FIELDS", "resolve_lr", "resolve_warmup", "save_config", "timm_schedules"]
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")  # timm's str_to_pil_interp names
 ERASE_MODES = ("pixel", "rand", "const")  # timm's RandomErasing modes
@@ -313,14 +313,16 @@ def _check_compile_backend(backend: str) -> None:
 # --------------------------------------------------------------------------------------------
 # loading, resolving, saving
 # --------------------------------------------------------------------------------------------
-def _field_names() -> List[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
 def load_config(
     path: Optional[Union[str, os.PathLike]] = None, overrides: Optional[Mapping[str, Any]] = None
 ) -> TrainConfig:
     """Defaults, then the YAML file, then the overrides (``None`` values are ignored)."""
+    return load_dataclass_config(TrainConfig, path, overrides)
+
+
+def load_dataclass_config(cls: Any, path: Optional[Union[str, os.PathLike]] = None, overrides: Optional[Mapping[str, Any]] = None) -> Any:
+    """A config dataclass ``cls`` from its defaults, then a YAML file, then ``overrides`` (``None``
+    values ignored); an unknown field is an error that lists the valid ones."""
     values: Dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -331,10 +333,11 @@ def load_config(
             raise ValueError(f"{p}: a config file must be a mapping of field: value")
         values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = sorted(set(values) - set(_field_names()))
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; valid fields: {', '.join(_field_names())}")
-    return TrainConfig(**values)
+        raise ValueError(f"unknown config field(s) {unknown}; valid fields: {', '.join(names)}")
+    return cls(**values)
 
 
 def resolve_lr(cfg: TrainConfig, world_size: int) -> float:
