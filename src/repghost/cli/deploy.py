@@ -35,6 +35,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify-count", type=int, default=8, help="how many images --verify-data checks (default 8)")
     p.set_defaults(run=cmd_export)
 
+    from ..deploy.quantize import CALIBRATION_METHODS, DEFAULT_MIN_AGREEMENT, QUANT_FORMATS
+
+    p = sub.add_parser("quantize", help="fold, then int8 post-training quantization in the runtime's own tool, verified on real images")
+    p.add_argument("--checkpoint", required=True, help="checkpoint of any supported layout")
+    p.add_argument("--format", required=True, choices=QUANT_FORMATS, dest="fmt")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--calib-data", required=True, metavar="DATASET|DIR",
+                   help="calibration images: a dataset as `repghost train --data` takes it, or a folder of images (its train/ part)")
+    p.add_argument("--calib-data-root", default=None, metavar="DIR", help="where --calib-data's dataset lives")
+    p.add_argument("--calib-count", type=int, default=256, help="calibration images (default 256)")
+    p.add_argument("--verify-count", type=int, default=256, help="held-out validation images the int8 model is checked on (default 256)")
+    p.add_argument("--method", default="minmax",
+                   help="activation calibration: " + "; ".join(f"{f}: {', '.join(m)}" for f, m in CALIBRATION_METHODS.items()))
+    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
+                   help=f"refuse the file below this top-1 agreement with the float model (default {DEFAULT_MIN_AGREEMENT})")
+    p.add_argument("--train-form", action="store_true", help="quantize the train form without folding (to compare)")
+    p.add_argument("--model", default=None, help="model name (inferred from the file when omitted)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA ones")
+    p.set_defaults(run=cmd_quantize)
+
     p = sub.add_parser(
         "bench",
         help="batch-1 CPU latency of RepGhostNet and baselines, interleaved, in several runtimes",
@@ -118,6 +138,32 @@ def cmd_export(args: argparse.Namespace) -> int:
         origin = "stored with the weights" if stored else "published"
         on = f"{len(inputs)} {args.verify_data} validation images {tuple(report.input_shape)[1:]} (eval transform {origin})"
     print(f"verified  {report.verified_with} vs eager PyTorch on {on}: {report.diff} (tolerance {EXPORT_TOLERANCE:g} relative)")
+    print(f"took      {report.seconds:.1f} s")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from ..checkpoint import model_from_checkpoint
+    from ..deploy.quantize import quantize_model
+    from ..deploy.verify import load_image_batch
+
+    for name in ("calib_count", "verify_count"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    model, ckpt = model_from_checkpoint(args.checkpoint, model_name=args.model, use_ema=not args.no_ema)
+    stored = ckpt.eval_transform()
+    calib = load_image_batch(args.calib_data, args.calib_count, root=args.calib_data_root, transform=stored, split="train")
+    verify = load_image_batch(args.calib_data, args.verify_count, root=args.calib_data_root, transform=stored, split="val")
+    meta = {"eval_transform": dict(stored, img_size=int(calib.shape[-1])), "num_classes": model.num_classes,
+            "source_checkpoint": str(args.checkpoint), "quantized": "int8 static, per-channel symmetric weights"}
+    report = quantize_model(model, args.out, args.fmt, calib, verify, method=args.method,
+                            min_agreement=args.min_agreement, reparameterize=not args.train_form, metadata=meta)
+    form = "train form (not folded)" if args.train_form else "deploy form"
+    size = f"{report.size_bytes / 1e6:.2f} MB" + (f" (float {report.float_size_bytes / 1e6:.2f} MB)" if report.float_size_bytes else "")
+    print(f"quantized {report.path} ({report.format}, int8, {form}, {size})")
+    print(f"calibrated on {report.calibration_images} {args.calib_data} training images ({report.method})")
+    print(f"verified  in its runtime on {report.verify_images} validation images: top-1 agreement with float "
+          f"{report.top1_agreement:.1%}, max logit error {report.max_rel_logit_error:.3f} of the logit range")
     print(f"took      {report.seconds:.1f} s")
     return 0
 

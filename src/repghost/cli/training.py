@@ -299,12 +299,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..reparam import model_form, reparameterize_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, ckpt = model_from_checkpoint(args.checkpoint, model_name=args.model, use_ema=not args.no_ema)
-    if args.deploy:
-        reparameterize_model(model, inplace=True)
-    # The transform the weights were trained for (stored by `repghost train`), else the
-    # published ImageNet one; command-line flags override either.
-    stored = ckpt.eval_transform()
+    if str(args.checkpoint).endswith(".onnx"):  # an exported or int8 file, run in ONNX Runtime
+        from ..deploy.quantize import RunnerModel
+
+        model = RunnerModel.from_onnx(args.checkpoint)
+        device = torch.device("cpu")
+        stored, layout, source = model.eval_transform, "onnx", "onnxruntime"
+    else:
+        model, ckpt = model_from_checkpoint(args.checkpoint, model_name=args.model, use_ema=not args.no_ema)
+        if args.deploy:
+            reparameterize_model(model, inplace=True)
+        # The transform the weights were trained for (stored by `repghost train`), else the
+        # published ImageNet one; command-line flags override either.
+        stored, layout, source = ckpt.eval_transform(), ckpt.layout, ckpt.source
     tf = dict(
         img_size=args.img_size or int(stored.get("img_size", 224)),
         crop_pct=args.crop_pct or float(stored.get("crop_pct", C.EVAL_CROP_PCT)),
@@ -326,15 +333,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping)
     metrics = evaluate(model.to(device), loader, device=device)
     result: Dict[str, Optional[object]] = dict(
-        checkpoint=args.checkpoint, layout=ckpt.layout, weights=ckpt.source or "state_dict",
-        form=model_form(model),  # the form evaluated: the file's own, or deploy after --deploy
+        checkpoint=args.checkpoint, layout=layout, weights=source or "state_dict",
+        form=getattr(model, "form", None) or model_form(model),  # the form evaluated: the file's own, or deploy after --deploy
         transform=dict(tf, img_size=img_size, source=origin), **metrics,
     )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(
-            f"{args.checkpoint} ({ckpt.layout}, {result['weights']}, {result['form']} form) on {args.data} "
+            f"{args.checkpoint} ({layout}, {result['weights']}, {result['form']} form) on {args.data} "
             f"val ({int(metrics['count'])} images): top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  "
             f"loss {metrics['loss']:.4f}"
         )

@@ -187,8 +187,9 @@ def load_image_batch(
     root: Optional[Union[str, os.PathLike]] = None,
     transform: Optional[Mapping[str, object]] = None,
     img_size: Optional[int] = None,
+    split: str = "val",
 ) -> torch.Tensor:
-    """``count`` validation images of a dataset as one ``(N, 3, H, W)`` float batch.
+    """``count`` validation (or, ``split="train"``, training) images of a dataset as one ``(N, 3, H, W)`` float batch.
 
     ``data``: a dataset name as ``repghost train --data`` takes it (``synthetic``, ``fashion_mnist``,
     ``cifar10``, ... with ``root`` where that dataset needs one; ``imagefolder`` with ``root``), or
@@ -207,6 +208,8 @@ def load_image_batch(
 
     if not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be an int >= 1, got {count!r}")
+    if split not in ("val", "train"):
+        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
     size, kwargs = _eval_transform_kwargs(transform, img_size)
     tf = build_transform(size, train=False, **kwargs)
     name = str(data)
@@ -220,27 +223,27 @@ def load_image_batch(
                 f"{name!r} is neither a dataset ({', '.join(d for d in DATASETS if d != 'imagefolder')}) "
                 "nor a folder of images"
             )
-        split = folder / "val" if (folder / "val").is_dir() else folder
-        files = _folder_images(split)
+        split_dir = folder / split if (folder / split).is_dir() else folder
+        files = _folder_images(split_dir)
         if not files:
-            raise FileNotFoundError(f"{split} holds no images")
+            raise FileNotFoundError(f"{split_dir} holds no images")
         for i in _spread(len(files), count):
             try:
                 with Image.open(files[i]) as img:
                     images.append(tf(img))
             except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for broken files
                 log.warning("skipping unreadable image %s: %s", files[i], exc)
-        source = str(split)
+        source = str(split_dir)
     else:
         dataset, _ = build_dataset(
-            name, "val", root=root, transform=tf, synthetic_size=size,
+            name, split, root=root, transform=tf, synthetic_size=size,
             synthetic_samples=count if name == "synthetic" else None,
         )
         for i in _spread(len(dataset), count):  # type: ignore[arg-type]
             sample = dataset[i]
             if sample is not None:
                 images.append(sample[0])
-        source = f"{name} validation split"
+        source = f"{name} {split} split"
     if not images:
         raise FileNotFoundError(f"no readable image in {source}")
     return torch.stack(images)

@@ -1,0 +1,271 @@
+"""INT8 post-training quantization with each runtime's own tool, verified on real images.
+
+The model is folded first (the deploy form: no BatchNorm, one branch per RepGhost module; the
+classifier as a 1x1 conv, as every export), then quantized statically: per-channel symmetric int8
+weights, activations calibrated on real images of the user's data.
+
+* ``onnx``: ONNX Runtime's ``quantize_static`` (QDQ format, int8 weights per channel, uint8
+  activations: the pairing ONNX Runtime's x86 integer kernels take), calibration ``minmax``,
+  ``entropy`` or ``percentile``. The eval transform and class count are stored in the file's
+  metadata, so ``repghost eval`` can score it.
+* ``executorch``: PyTorch's PT2E flow with the XNNPACK quantizer (per-channel symmetric), lowered
+  to XNNPACK; calibration ``minmax`` (the quantizer's observers).
+
+Every file is then run in its runtime on held-out real images and compared with the float model:
+the share of images whose top-1 class agrees, and the largest logit difference relative to the
+logits' range. Below ``min_agreement`` the quantization is refused and no file is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..files import PathLike, atomic_write
+from .export import INPUT_NAME, MissingRuntimeError, _inference_copy, _write_onnx, load_runner, require_format
+from .verify import as_numpy_list
+
+__all__ = [
+    "RunnerModel",
+    "QUANT_FORMATS",
+    "CALIBRATION_METHODS",
+    "QuantizationError",
+    "QuantReport",
+    "quantize_model",
+    "compare_logits",
+    "onnx_metadata",
+]
+
+log = logging.getLogger(__name__)
+
+QUANT_FORMATS = ("onnx", "executorch")
+CALIBRATION_METHODS = {"onnx": ("minmax", "entropy", "percentile"), "executorch": ("minmax",)}
+DEFAULT_MIN_AGREEMENT = 0.95
+
+
+class QuantizationError(ValueError):
+    """The quantized model does not agree well enough with the float one (nothing was written)."""
+
+
+@dataclass
+class QuantReport:
+    format: str
+    path: str
+    method: str
+    calibration_images: int
+    verify_images: int
+    top1_agreement: float  # share of verification images with the same top-1 class as float
+    max_rel_logit_error: float  # largest |int8 - float| logit difference over the float logits' range
+    mean_abs_logit_error: float
+    size_bytes: int
+    float_size_bytes: Optional[int] = None
+    seconds: float = 0.0
+    integer_ops: Dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, float]:
+    """Top-1 agreement and logit errors of ``candidate`` against ``reference`` (both ``(N, classes)``)."""
+    if reference.shape != candidate.shape:
+        raise QuantizationError(f"the quantized model gives logits of shape {candidate.shape}, the float one {reference.shape}")
+    if not np.isfinite(candidate).all():
+        raise QuantizationError("the quantized model gives non-finite logits")
+    agree = float((reference.argmax(1) == candidate.argmax(1)).mean())
+    scale = float(reference.max() - reference.min()) or 1.0
+    diff = np.abs(reference - candidate)
+    return {"top1_agreement": agree, "max_rel_logit_error": float(diff.max() / scale), "mean_abs_logit_error": float(diff.mean())}
+
+
+def _run_all(run, images: torch.Tensor) -> np.ndarray:
+    """Logits of a batch-1 runner on every image, stacked."""
+    x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+    return np.concatenate([as_numpy_list(run(x[i : i + 1]))[0].reshape(1, -1) for i in range(len(x))])
+
+
+class _Reader:
+    """ONNX Runtime's calibration data reader protocol (``get_next``/``rewind``) over a tensor batch."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = np.ascontiguousarray(images.numpy(), dtype=np.float32)
+        self.i = 0
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self.i >= len(self.images):
+            return None
+        self.i += 1
+        return {INPUT_NAME: self.images[self.i - 1 : self.i]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def onnx_metadata(path: PathLike) -> Dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (where ``quantize`` stores the eval transform)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _integer_ops(path: str) -> Dict[str, int]:
+    import onnx
+
+    counts: Dict[str, int] = {}
+    for node in onnx.load(path).graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _quantize_onnx(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: str, metadata: Mapping[str, Any], work: str) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    float_path = os.path.join(work, "float.onnx")
+    example = calib[:1].contiguous()
+    _write_onnx(prepared, float_path, example, opset=17, dynamic_batch=False, n_outputs=1)
+    pre_path = os.path.join(work, "pre.onnx")
+    quant_pre_process(float_path, pre_path, skip_symbolic_shape=True)  # shape inference + graph cleanup, as ORT advises
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    quantize_static(
+        pre_path, tmp, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+    )
+    model = onnx.load(tmp)
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
+    onnx.save(model, tmp)
+
+
+def _quantize_executorch(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: str, metadata: Mapping[str, Any], work: str) -> None:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from executorch.exir import to_edge_transform_and_lower
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    import copy
+
+    example = (calib[:1].contiguous(),)
+    # XNNPACK's layout pass rejects channels_last weights; a contiguous copy is the same function.
+    plain = copy.deepcopy(prepared).to(memory_format=torch.contiguous_format).eval()
+    graph = torch.export.export(plain, example).module()
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    observed = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for i in range(len(calib)):
+            observed(calib[i : i + 1].contiguous())
+    quantized = convert_pt2e(observed)
+    program = to_edge_transform_and_lower(torch.export.export(quantized, example), partitioner=[XnnpackPartitioner()]).to_executorch()
+    Path(tmp).write_bytes(program.buffer)
+
+
+_QUANTIZERS = {"onnx": _quantize_onnx, "executorch": _quantize_executorch}
+
+
+def quantize_model(
+    model: nn.Module,
+    out_path: PathLike,
+    fmt: str,
+    calibration: torch.Tensor,
+    verification: torch.Tensor,
+    *,
+    method: str = "minmax",
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    reparameterize: bool = True,
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> QuantReport:
+    """Fold ``model``, quantize it to int8 for ``fmt`` calibrated on ``calibration``, check it on ``verification``.
+
+    Both are ``(N, 3, H, W)`` batches of real images through the model's eval transform (keep them
+    apart: the verification images should not be calibration images). ``reparameterize=False``
+    quantizes the train form as it is (to see what folding does to the int8 error). Raises
+    :class:`QuantizationError` (a ``ValueError``) when top-1 agreement with the float model is below
+    ``min_agreement``, ``ValueError`` for bad arguments, :class:`MissingRuntimeError` when the
+    runtime is not installed; on any failure nothing is left at ``out_path``.
+    """
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; valid: {', '.join(QUANT_FORMATS)}")
+    if method not in CALIBRATION_METHODS[fmt]:
+        raise ValueError(f"calibration method {method!r} is not offered for {fmt}; choose one of {', '.join(CALIBRATION_METHODS[fmt])}")
+    for name, batch in (("calibration", calibration), ("verification", verification)):
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or len(batch) < 1:
+            raise ValueError(f"{name} images must be an (N, 3, H, W) batch with N >= 1, got {getattr(batch, 'shape', batch)}")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ValueError(f"min_agreement is a share (0..1), got {min_agreement}")
+    require_format(fmt)
+    started = time.perf_counter()
+    model = model.eval()
+    prepared = _inference_copy(model, reparameterize).eval()
+    with torch.no_grad():
+        reference = np.concatenate([model(verification[i : i + 1]).float().numpy() for i in range(len(verification))])
+    holder: Dict[str, Any] = {}
+
+    def write(tmp: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="repghost-quant-") as work:
+            _QUANTIZERS[fmt](prepared, tmp, calibration.detach().float().cpu(), method, dict(metadata or {}), work)
+            float_path = os.path.join(work, "float.onnx")
+            holder["float_size"] = os.path.getsize(float_path) if os.path.exists(float_path) else None
+        got = _run_all(load_runner(tmp, fmt), verification)
+        stats = compare_logits(reference, got)
+        if stats["top1_agreement"] < min_agreement:
+            raise QuantizationError(
+                f"the int8 {fmt} model agrees with the float one on the top-1 class of {stats['top1_agreement']:.1%} of "
+                f"{len(verification)} images (needed: {min_agreement:.0%}; max logit error {stats['max_rel_logit_error']:.3f} "
+                "of the logit range); try another --method, more calibration images, or quantization-aware training"
+            )
+        holder["stats"] = stats
+
+    path = atomic_write(out_path, write)
+    report = QuantReport(
+        format=fmt, path=str(path), method=method, calibration_images=len(calibration), verify_images=len(verification),
+        size_bytes=path.stat().st_size, float_size_bytes=holder.get("float_size"), seconds=time.perf_counter() - started,
+        integer_ops=_integer_ops(str(path)) if fmt == "onnx" else {}, **holder["stats"],
+    )
+    log.debug("quantized %s -> %s: %s", fmt, path, report)
+    return report
+
+
+class RunnerModel(nn.Module):
+    """An exported file (ONNX) behind the ``nn.Module`` interface, so the evaluation code can score it.
+
+    Runs every image of a batch through the file's runtime (files are exported at batch 1) and
+    returns the logits as a tensor. ``eval_transform`` and ``num_classes`` come from the file's
+    metadata (``repghost quantize`` stores them).
+    """
+
+    def __init__(self, run: Any, *, num_classes: int, eval_transform: Mapping[str, Any], form: str) -> None:
+        super().__init__()
+        self.run = run
+        self.num_classes = num_classes
+        self.eval_transform = dict(eval_transform)
+        self.form = form
+
+    @classmethod
+    def from_onnx(cls, path: PathLike) -> "RunnerModel":
+        meta = onnx_metadata(path)
+        if "num_classes" not in meta:
+            raise ValueError(
+                f"{path}: records no class count or eval transform; `repghost eval` scores ONNX files written by "
+                "`repghost quantize` (or evaluate the checkpoint it came from)"
+            )
+        form = "int8" if _integer_ops(str(path)) else "onnx"
+        return cls(load_runner(path, "onnx"), num_classes=int(json.loads(meta["num_classes"])),
+                   eval_transform=json.loads(meta.get("eval_transform", "{}")), form=form)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(_run_all(self.run, x.contiguous()))

@@ -1,0 +1,130 @@
+"""INT8 post-training quantization: a small model trained on synthetic data, quantized by each
+runtime's own tool, run there, and compared with the float model; bad input leaves no file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from repghost.cli import main  # noqa: E402
+from repghost.deploy.quantize import QuantizationError, compare_logits, onnx_metadata, quantize_model  # noqa: E402
+
+# A random-weight model has small logit margins, so int8 rounding flips more of its top-1 classes
+# than a trained model's (98-99% agreement on Fashion-MNIST, docs/quantization.md): "most" here.
+COMMON = ["--calib-data", "synthetic", "--calib-count", "64", "--verify-count", "64", "--min-agreement", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A 0.5x model with random weights whose BatchNorm statistics are measured on synthetic training
+    images (so, as in a trained model, its activations are normalized and its predictions depend on
+    the image), saved with a 32 px eval transform as `repghost train` saves one."""
+    import torch
+
+    import repghost
+    from repghost.checkpoint.files import EVAL_TRANSFORM_KEY
+    from repghost.deploy.verify import load_image_batch
+
+    torch.manual_seed(0)
+    transform = {"img_size": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    model = repghost.create_model("repghostnet_050", num_classes=10)
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.reset_running_stats()
+            bn.momentum = None  # a plain average over the batches
+    with torch.no_grad():
+        model.train()(load_image_batch("synthetic", 256, transform=transform, split="train"))
+    model.eval()
+    path = tmp_path_factory.mktemp("qrun") / "model.safetensors"
+    repghost.save_checkpoint(model, path, metadata={EVAL_TRANSFORM_KEY: json.dumps(transform)})
+    return path
+
+
+def _float_classes(path: Path) -> int:
+    """How many classes the float model predicts on the verification images (agreement on a model
+    that always says the same class would mean nothing)."""
+    import torch
+
+    from repghost.checkpoint import model_from_checkpoint
+    from repghost.deploy.verify import load_image_batch
+
+    model, ckpt = model_from_checkpoint(str(path))
+    with torch.no_grad():
+        logits = model.eval()(load_image_batch("synthetic", 64, transform=ckpt.eval_transform()))
+    return len(set(logits.argmax(1).tolist()))
+
+
+def _ops(path: Path):
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_onnx_int8_file_holds_integer_ops_and_agrees(trained, tmp_path, capsys):
+    assert _float_classes(trained) >= 3
+    out = tmp_path / "int8.onnx"
+    assert main(["quantize", "--checkpoint", str(trained), "--format", "onnx", "--out", str(out), *COMMON]) == 0
+    text = capsys.readouterr().out
+    assert float(text.split("agreement with float ")[1].split("%")[0]) > 50.0
+    ops = _ops(out)
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10 and "Conv" in ops
+    import onnx
+
+    weights = [t for t in onnx.load(str(out)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(weights) > 20  # the conv weights are stored as int8
+    meta = onnx_metadata(out)
+    assert json.loads(meta["num_classes"]) == 10 and json.loads(meta["eval_transform"])["img_size"] == 32
+    # repghost eval scores the int8 file in ONNX Runtime, with the transform it carries
+    assert main(["eval", "--checkpoint", str(out), "--data", "synthetic", "--json", "-j", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["form"] == "int8" and result["count"] == 500
+
+
+def test_executorch_int8_runs_and_agrees(trained, tmp_path, capsys):
+    pytest.importorskip("executorch")
+    out = tmp_path / "int8.pte"
+    assert main(["quantize", "--checkpoint", str(trained), "--format", "executorch", "--out", str(out), *COMMON]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if "agreement" in x][0]
+    assert float(line.split("float ")[1].split("%")[0]) > 50.0
+    assert out.stat().st_size < 1.5e6  # int8 weights: about a quarter of the 4.2 MB float file
+
+
+def test_a_quantization_that_disagrees_is_refused_and_leaves_no_file(trained, tmp_path):
+    import torch
+
+    from repghost.checkpoint import model_from_checkpoint
+    from repghost.deploy.verify import load_image_batch
+
+    model, ckpt = model_from_checkpoint(str(trained))
+    calib = load_image_batch("synthetic", 8, transform=ckpt.eval_transform(), split="train")
+    ones = torch.ones_like(calib[:8])  # calibrated on a constant image: every real activation clips
+    with pytest.raises(QuantizationError, match="agrees with the float one"):
+        quantize_model(model, tmp_path / "bad.onnx", "onnx", ones, calib, min_agreement=0.9)
+    assert not (tmp_path / "bad.onnx").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_is_a_clear_error_and_leaves_no_file(trained, tmp_path, capsys):
+    out = tmp_path / "x.onnx"
+    (tmp_path / "empty").mkdir()
+    assert main(["quantize", "--checkpoint", str(trained), "--format", "onnx", "--out", str(out),
+                 "--calib-data", str(tmp_path / "empty")]) == 2
+    assert "holds no images" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert main(["quantize", "--checkpoint", str(tmp_path / "junk.pth"), "--format", "onnx", "--out", str(out), *COMMON]) == 2
+    assert "junk.pth" in capsys.readouterr().err and not out.exists()
+    assert main(["quantize", "--checkpoint", str(trained), "--format", "executorch", "--out", str(out), "--method", "entropy", *COMMON]) == 2
+    assert "not offered for executorch" in capsys.readouterr().err
+
+
+def test_compare_logits():
+    import numpy as np
+
+    ref = np.array([[1.0, 2.0, 0.0], [3.0, 0.0, 1.0]])
+    stats = compare_logits(ref, ref + np.array([[0.0, 0.0, 3.0], [0.0, 0.0, 0.0]]))
+    assert stats["top1_agreement"] == 0.5 and stats["max_rel_logit_error"] == pytest.approx(1.0)
+    with pytest.raises(QuantizationError, match="non-finite"):
+        compare_logits(ref, ref * np.nan)
