@@ -249,9 +249,14 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: An
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        saved_epochs = json.loads(state["config"]).get("epochs")
+        if saved_epochs == cfg.epochs:
+            scheduler.load_state_dict(state["scheduler"])
+        else:  # extended (or shortened): the schedule is rebuilt for the new length, at the step reached
+            log.info("the run was scheduled for %s epochs, now %d: the learning-rate schedule follows the new length", saved_epochs, cfg.epochs)
         scaler.load_state_dict(state["scaler"])
         start, best = int(state["epoch"]), dict(state["best"])
+        scheduler.step_update(start * steps)
         if start >= cfg.epochs:
             log.info("%s: all %d epochs are done; pass a larger --epochs to train on", run_dir, cfg.epochs)
         if ctx.is_main:
