@@ -364,3 +364,23 @@ def test_the_whole_retinanet_exports_as_one_onnx_graph(tmp_path):
     with pytest.raises(ValueError, match="RetinaNet and FCOS"):
         export_full_onnx(create_detector("maskrcnn", "repghostnet_050", 3, **SMALL).eval(), tmp_path / "m.onnx", images)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_comparison_backbone_is_folded_in_the_deploy_file(tmp_path):
+    from repghost.detection.data import CategoryMap
+    from repghost.detection.files import save_detector
+    from repghost.detection.train import fold_and_check
+
+    det = create_detector("retinanet", "ghostnet_050", 3, score_thresh=0.0, **SMALL)
+    randomize_bn(det.backbone.body, seed=5)
+    image = torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(0))
+    folded, diff = fold_and_check(det.eval(), [image])
+    assert diff < 1e-3 and not any(isinstance(m, _BatchNorm) for m in folded.backbone.body.modules())
+    save_detector(folded, tmp_path / "d.safetensors", categories=CategoryMap((3, 7, 11), ("a", "b", "c")))
+    back, cats, form = load_detector(tmp_path / "d.safetensors")
+    assert form == "deploy" and cats.ids == (3, 7, 11)
+    with torch.no_grad():
+        a, b = folded([image])[0], back([image])[0]
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+    with pytest.raises(ValueError, match="0 is background"):
+        cats.category_id(0)

@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         best = final.get("best", {})
         line = ", ".join(f"{k} {v:.3f}" for k, v in best.items() if k.split("_")[1] in ("AP", "AP50", "AP75"))
         print(f"best epoch {final['best_epoch'] + 1}: {line}")
-        print(f"folded detector (boxes within {final['deploy_max_box_diff_px']:.1e} px of the train form): {Path(final['run']) / 'deploy.safetensors'}")
+        print(f"folded detector (outputs within {final['deploy_max_rel_diff']:.1e} of the train form's, relative): {Path(final['run']) / 'deploy.safetensors'}")
     return 0
 
 

@@ -21,7 +21,7 @@ DETECT_DATA = ("coco", "synthetic")
 # A resume refuses a change of these (the run's model and data).
 RUN_IDENTITY = (
     "detector", "backbone", "preset", "fpn_channels", "head_convs", "head_norm", "representation_size",
-    "anchor_size", "data", "data_root", "train_ann", "train_images", "img_size",
+    "anchor_size", "data", "data_root", "train_ann", "train_images", "img_size", "trainable_stages", "frozen_bn", "seed",
 )
 
 

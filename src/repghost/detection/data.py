@@ -88,6 +88,8 @@ class CategoryMap:
         return self.ids.index(category_id) + 1
 
     def category_id(self, label: int) -> int:
+        if not 1 <= label <= len(self.ids):
+            raise ValueError(f"label {label} is no category (labels are 1..{len(self.ids)}; 0 is background)")
         return self.ids[label - 1]
 
     def name(self, label: int) -> str:
@@ -231,7 +233,8 @@ class CocoSet(Dataset):
         log.info("%s: %s", self.ann_file.name, self.report.summary())
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
             base = CocoDetection(str(self.image_dir), str(self.ann_file))
-        base.ids = [i for i in base.ids if i in set(kept)]
+        kept_ids = set(kept)
+        base.ids = [i for i in base.ids if i in kept_ids]
         keys = {"image_id", "boxes", "labels", "iscrowd"} | ({"masks"} if masks else set())
         self._coco = wrap_dataset_for_transforms_v2(base, target_keys=keys)
         self.coco = base.coco  # pycocotools' index of the file, for evaluation

@@ -59,7 +59,12 @@ def coco_metrics(coco_gt: Any, results: List[Dict[str, Any]], image_ids: Sequenc
 
     metrics: Dict[str, Dict[str, float]] = {}
     for iou_type in iou_types:
-        entries = [r for r in results if iou_type == "bbox" or "segmentation" in r]
+        # pycocotools' loadRes takes a result's area from its bbox when it has one, which would put
+        # masks in the box's size bin, and it edits the entries: give each pass its own copies.
+        if iou_type == "segm":
+            entries = [{k: v for k, v in r.items() if k != "bbox"} for r in results if "segmentation" in r]
+        else:
+            entries = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
         if not entries:
             log.warning("no detections on the %d evaluated images: %s AP is 0", len(image_ids), iou_type)
             metrics[iou_type] = {name: 0.0 for name in STAT_NAMES}

@@ -2,7 +2,7 @@
 
 A detector file rebuilds its detector with no other input: the metadata records the
 :class:`DetectorConfig`, the categories (the annotation file's ids and names) and the form
-(``train`` or ``deploy``). ``repghost detect train``'s ``last.pth``/``best.pth`` are read too
+(``train`` or ``deploy``). ``repghost detect train``'s ``last.pth`` is read too
 (``torch.load(weights_only=True)``: nothing pickled runs).
 """
 
@@ -14,10 +14,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import CheckpointError
 from ..files import PathLike, atomic_write
-from ..reparam import model_form, reparameterize_model
+from ..reparam import reparameterize_model
 from .data import CategoryMap
 from .models import DetectorConfig, build_detector
 
@@ -41,7 +42,7 @@ def save_detector(model: nn.Module, path: PathLike, *, categories: CategoryMap, 
     cfg: DetectorConfig = model.detector_config
     meta = {
         "format": DETECTOR_FORMAT,
-        "form": "deploy" if model_form(model.backbone.body) == "deploy" else "train",
+        "form": "deploy" if not any(isinstance(m, _BatchNorm) for m in model.backbone.body.modules()) else "train",
         "detector_config": cfg.to_json(),
         "categories": json.dumps(categories_to_dict(categories)),
     }
@@ -88,8 +89,13 @@ def load_detector(path: PathLike, *, map_location: str = "cpu") -> Tuple[nn.Modu
     cfg = DetectorConfig.from_dict(info["detector_config"])
     model = build_detector(cfg)
     if info["form"] == "deploy":
+        from ..models import list_models
+        from ..reparam import fold_conv_bn
+
         model.eval()
         reparameterize_model(model, inplace=True)
+        if cfg.backbone not in list_models():  # a comparison backbone: its conv-BN pairs were folded
+            model.backbone.body = fold_conv_bn(model.backbone.body, inplace=False)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -56,10 +56,12 @@ class DetectorConfig:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of: {', '.join(list_backbones())}")
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f"num_classes must be a positive int (object categories), got {self.num_classes!r}")
-        if self.head_convs < (1 if self.kind == "maskrcnn" else 0) or self.head_convs > 8:
-            raise ValueError(f"head_convs must be in 0..8 (1..8 for maskrcnn), got {self.head_convs}")
-        if self.fpn_channels < 8 or (self.head_norm or self.kind == "fcos") and self.fpn_channels % 16:
-            raise ValueError(f"fpn_channels must be >= 8 (a multiple of 16 with GroupNorm heads), got {self.fpn_channels}")
+        low, high = {"maskrcnn": (1, 8), "retinanet": (0, 4), "fcos": (0, 8)}[self.kind]
+        if not low <= self.head_convs <= high:  # torchvision's RetinaNet tower has 4 convs: a shorter one is a prefix
+            raise ValueError(f"head_convs must be in {low}..{high} for {self.kind}, got {self.head_convs}")
+        group = 32 if self.kind == "fcos" else 16 if self.head_norm else 1  # FCOSHead: GroupNorm(32); ours: GroupNorm(16)
+        if self.fpn_channels < 8 or self.fpn_channels % group:
+            raise ValueError(f"fpn_channels must be >= 8 and a multiple of {group} for this head, got {self.fpn_channels}")
         if not 0 < self.min_size <= self.max_size:
             raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
 

@@ -51,7 +51,7 @@ def predict_images(
             report["skipped"].append({"file": str(path), "error": str(exc)})
             continue
         result = model([image.float().div(255).to(device)])[0]
-        keep = result["scores"] >= score_thresh
+        keep = (result["scores"] >= score_thresh) & (result["labels"] >= 1)  # label 0: background, never a category
         boxes, scores, labels = result["boxes"][keep].cpu(), result["scores"][keep].cpu(), result["labels"][keep].cpu()
         drawn = image
         entries: List[Dict[str, Any]] = []
@@ -67,6 +67,10 @@ def predict_images(
         for box, score, label, name in zip(boxes.tolist(), scores.tolist(), labels.tolist(), names):
             entries.append({"box_xyxy": [round(v, 2) for v in box], "score": round(score, 4), "category_id": categories.category_id(int(label)), "category": name})
         target = out / f"{path.stem}.png"
+        n = 1
+        while any(e["drawn"] == str(target) for e in report["images"]):  # a/x.jpg and b/x.jpg: both kept
+            n += 1
+            target = out / f"{path.stem}-{n}.png"
         atomic_write(target, lambda tmp: save_image(drawn.float().div(255), tmp, format="png"))
         report["images"].append({"file": str(path), "drawn": str(target), "detections": entries})
         log.info("%s: %d detections above %.2f -> %s", path.name, len(entries), score_thresh, target)
