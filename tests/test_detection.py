@@ -384,3 +384,16 @@ def test_a_comparison_backbone_is_folded_in_the_deploy_file(tmp_path):
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
     with pytest.raises(ValueError, match="0 is background"):
         cats.category_id(0)
+
+
+def test_detector_keys_in_the_latency_benchmark():
+    from repghost.bench.latency import build_model, parse_model
+
+    spec = parse_model("det:retinanet:ghostnet_050")
+    assert (spec.source, spec.detector, spec.arch, spec.train_form) == ("detection", "retinanet", "ghostnet_050", False)
+    core = build_model(spec, input_size=(3, 96, 96))  # folded, and checked against the unfolded one
+    assert not any(isinstance(m, _BatchNorm) for m in core.modules())
+    assert any(isinstance(m, _BatchNorm) for m in build_model(parse_model("det:retinanet:ghostnet_050:train")).modules())
+    for bad in ("det:yolo:repghostnet_100", "det:retinanet:resnet50", "det:retinanet:repghostnet_100:nchw"):
+        with pytest.raises(ValueError, match="detector key"):
+            parse_model(bad)

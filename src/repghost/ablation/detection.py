@@ -17,11 +17,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-import torch
 
 from ..files import atomic_write
 from ..models.complexity import count_macs, count_params
-from ..reparam import fold_conv_bn, reparameterize_model
 from .stats import mean_std
 from .sweep import _verdict, measure_latency
 
@@ -51,16 +49,12 @@ def _deployed_core(backbone: str, values: Mapping[str, Any], num_classes: int):
     from ..detection import create_detector
     from ..detection.config import load_detect_config
     from ..detection.export import DetectorCore
-    from ..models import list_models
+    from ..detection.models import fold_detector
 
     cfg = load_detect_config(None, dict(values, backbone=backbone))
     core = DetectorCore(create_detector(cfg.detector, backbone, num_classes, preset=cfg.preset, **cfg.detector_options()).eval()).eval()
     params = count_params(core)
-    if backbone in list_models():
-        reparameterize_model(core, inplace=True)
-    else:
-        core.backbone.body = fold_conv_bn(core.backbone.body, inplace=False)
-    return core, params
+    return fold_detector(core, backbone, inplace=True), params
 
 
 def run_detection_study(

@@ -269,20 +269,16 @@ def build_model(
 
 
 def _build_detector_core(spec: ModelSpec, *, seed: int, input_size: Sequence[int], tolerance: float) -> nn.Module:
-    from ..detection import create_detector, list_backbones
+    from ..detection import create_detector
     from ..detection.export import DetectorCore
-    from ..models import list_models as repghost_models
+    from ..detection.models import fold_detector
 
     detector = create_detector(spec.detector or "retinanet", spec.arch, 80, preset="light").eval()
     core = DetectorCore(detector).eval()
     if spec.train_form:
         return core
     reference = copy.deepcopy(core)
-    if spec.arch in repghost_models():
-        reparameterize_model(core, inplace=True)
-    else:
-        assert spec.arch in list_backbones()
-        core.backbone.body = fold_conv_bn(core.backbone.body, inplace=False)
+    fold_detector(core, spec.arch, inplace=True)
     x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(seed))
     verify_runner(_torch_runner(core), reference, x, f"{spec.key} in deploy form", tolerance)
     return core.eval()

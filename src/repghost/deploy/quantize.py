@@ -25,14 +25,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..files import PathLike, atomic_write
-from .export import INPUT_NAME, MissingRuntimeError, _inference_copy, _write_onnx, load_runner, require_format
+from .export import INPUT_NAME, _inference_copy, _write_onnx, load_runner, require_format
 from .verify import as_numpy_list
 
 __all__ = [

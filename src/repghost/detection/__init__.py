@@ -7,7 +7,7 @@ checkpoint, resume and logging conventions.
 """
 
 from .backbones import BACKBONES, list_backbones
-from .models import DETECTORS, HEAD_PRESETS, DetectorConfig, build_detector, create_detector
+from .models import DETECTORS, HEAD_PRESETS, DetectorConfig, build_detector, create_detector, fold_detector
 
 __all__ = [
     "BACKBONES",
@@ -16,5 +16,6 @@ __all__ = [
     "DetectorConfig",
     "build_detector",
     "create_detector",
+    "fold_detector",
     "list_backbones",
 ]

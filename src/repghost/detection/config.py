@@ -5,17 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-import yaml
 
-from ..files import atomic_write
 from ..training.config import check_field_types, load_dataclass_config
 from .backbones import list_backbones
 from .models import DETECTORS, HEAD_PRESETS
 
-__all__ = ["DetectTrainConfig", "load_detect_config", "save_detect_config", "DETECT_DATA", "RUN_IDENTITY"]
+__all__ = ["DetectTrainConfig", "load_detect_config", "DETECT_DATA", "RUN_IDENTITY"]
 
 DETECT_DATA = ("coco", "synthetic")
 # A resume refuses a change of these (the run's model and data).
@@ -127,8 +124,3 @@ class DetectTrainConfig:
 def load_detect_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optional[Mapping[str, Any]] = None) -> DetectTrainConfig:
     """Defaults, then the YAML file, then the overrides (``None`` values are ignored)."""
     return load_dataclass_config(DetectTrainConfig, path, overrides)
-
-
-def save_detect_config(cfg: DetectTrainConfig, path: Union[str, os.PathLike]) -> None:
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

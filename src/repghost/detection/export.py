@@ -135,12 +135,12 @@ def export_full_onnx(
 
     from ..deploy.export import load_runner
     from ..files import atomic_write
-    from ..reparam import reparameterize_model
+    from .models import fold_detector
 
     kind = detector.detector_config.kind
     if kind not in ("retinanet", "fcos"):
         raise ValueError(f"the full graph exports RetinaNet and FCOS; for {kind}, export the dense part (DetectorCore)")
-    model = reparameterize_model(copy.deepcopy(detector).eval(), inplace=True).to(memory_format=torch.contiguous_format)
+    model = fold_detector(copy.deepcopy(detector), detector.detector_config.backbone, inplace=True).to(memory_format=torch.contiguous_format)
     holder = {}
 
     def write(tmp: str) -> None:

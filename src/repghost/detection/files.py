@@ -18,9 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import CheckpointError
 from ..files import PathLike, atomic_write
-from ..reparam import reparameterize_model
 from .data import CategoryMap
-from .models import DetectorConfig, build_detector
+from .models import DetectorConfig, build_detector, fold_detector
 
 __all__ = ["DETECTOR_FORMAT", "save_detector", "load_detector", "categories_to_dict", "categories_from_dict"]
 
@@ -89,13 +88,7 @@ def load_detector(path: PathLike, *, map_location: str = "cpu") -> Tuple[nn.Modu
     cfg = DetectorConfig.from_dict(info["detector_config"])
     model = build_detector(cfg)
     if info["form"] == "deploy":
-        from ..models import list_models
-        from ..reparam import fold_conv_bn
-
-        model.eval()
-        reparameterize_model(model, inplace=True)
-        if cfg.backbone not in list_models():  # a comparison backbone: its conv-BN pairs were folded
-            model.backbone.body = fold_conv_bn(model.backbone.body, inplace=False)
+        fold_detector(model, cfg.backbone, inplace=True)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(

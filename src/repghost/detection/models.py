@@ -16,9 +16,11 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from ..models import list_models
+from ..reparam import fold_conv_bn, reparameterize_model
 from .backbones import build_backbone, list_backbones
 
-__all__ = ["DETECTORS", "HEAD_PRESETS", "DetectorConfig", "create_detector", "build_detector"]
+__all__ = ["DETECTORS", "HEAD_PRESETS", "DetectorConfig", "create_detector", "build_detector", "fold_detector"]
 
 DETECTORS = ("retinanet", "maskrcnn", "fcos")
 
@@ -204,3 +206,13 @@ def create_detector(
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(HEAD_PRESETS)}")
     fields = {**HEAD_PRESETS[preset], **options, "kind": kind, "backbone": backbone, "num_classes": num_classes}
     return build_detector(DetectorConfig.from_dict(fields), backbone_weights=backbone_weights, channels_last=channels_last)
+
+
+def fold_detector(model: nn.Module, backbone: str, *, inplace: bool = False) -> nn.Module:
+    """The deploy form of a detector (or of its ``DetectorCore``), in eval mode: a RepGhostNet
+    backbone re-parameterized; a comparison backbone's conv-BN pairs folded, the same treatment.
+    The FPN and heads hold no BatchNorm. ``backbone``: the backbone's name."""
+    model = reparameterize_model(model.eval(), inplace=inplace)
+    if backbone not in list_models():
+        model.backbone.body = fold_conv_bn(model.backbone.body, inplace=True)
+    return model

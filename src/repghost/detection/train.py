@@ -25,17 +25,17 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..files import atomic_write
-from ..reparam import reparameterize_model
-from ..training.checkpointing import CONFIG, FINAL, LAST, METRICS, RunDirError, trim_metrics
+from ..training.checkpointing import CONFIG, FINAL, LAST, METRICS, RunDirError, check_same_run, prepare_run_dir, tidy_run_dir
 from ..training.distributed import DistContext, all_ranks_agree, all_reduce_sum, barrier, init_distributed, shutdown
 from ..training.epoch import NonFiniteLossError, NoTrainingStepError
 from ..training.logs import RunLog
 from ..training.setup import configure_backends, seed_all
-from .config import RUN_IDENTITY, DetectTrainConfig, save_detect_config
+from ..training.config import save_config
+from .config import RUN_IDENTITY, DetectTrainConfig
 from .data import CocoSet, collate_detection, robust, train_transforms
 from .evaluate import evaluate_detector
 from .files import categories_to_dict, save_detector
-from .models import create_detector
+from .models import create_detector, fold_detector
 
 __all__ = ["train_detector", "resume_detect_config", "BEST_DETECTOR", "DEPLOY_DETECTOR", "detection_files", "fold_and_check"]
 
@@ -72,27 +72,12 @@ def resume_detect_config(run_dir: str, overrides: Optional[Dict[str, Any]] = Non
 
 
 def _prepare_run_dir(cfg: DetectTrainConfig, resume: bool, ctx: DistContext) -> Path:
-    if cfg.output is None:
-        cfg.output = str(Path("runs") / f"{cfg.detector}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = Path(cfg.output)
-    if resume:
-        if not (run_dir / LAST).is_file():
-            raise RunDirError(f"nothing to resume in {run_dir}: no {LAST} there")
+    """The classification trainer's run-folder rules, and for a resume the detection run's identity."""
+    run_dir = prepare_run_dir(cfg, resume, ctx)  # type: ignore[arg-type]  (uses cfg.output, set by _train)
+    if resume and (run_dir / CONFIG).is_file():
         import yaml
 
-        saved = yaml.safe_load((run_dir / CONFIG).read_text()) or {} if (run_dir / CONFIG).is_file() else {}
-        changed = [k for k in RUN_IDENTITY if k in saved and saved[k] != getattr(cfg, k)]
-        if changed:
-            k = changed[0]
-            raise RunDirError(
-                f"{run_dir} was trained with {k}={saved[k]!r}; a resume cannot change it to {getattr(cfg, k)!r}. "
-                "Start a new run (another --output) for a different detector or data."
-            )
-    elif (run_dir / LAST).exists() or (run_dir / METRICS).exists():
-        raise RunDirError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --output")
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
+        check_same_run(run_dir, yaml.safe_load((run_dir / CONFIG).read_text()) or {}, cfg.to_dict(), RUN_IDENTITY)
     return run_dir
 
 
@@ -147,14 +132,9 @@ def fold_and_check(model: nn.Module, images: list, *, rtol: float = 1e-3) -> Tup
     ``images``, relative to their scale. Compared before decoding and NMS, where a 1e-6 change of a
     score could reorder near-tied detections without anything being wrong.
     """
-    from ..models import list_models
-    from ..reparam import fold_conv_bn
     from .export import DetectorCore, core_inputs
 
-    model.eval()
-    folded = reparameterize_model(model, inplace=False)
-    if model.detector_config.backbone not in list_models():
-        folded.backbone.body = fold_conv_bn(folded.backbone.body, inplace=False)
+    folded = fold_detector(model, model.detector_config.backbone)
     worst = 0.0
     for image in images:
         x = core_inputs(model, [image])
@@ -268,10 +248,10 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: An
         if start >= cfg.epochs:
             log.info("%s: all %d epochs are done; pass a larger --epochs to train on", run_dir, cfg.epochs)
         if ctx.is_main:
-            trim_metrics(run_dir / METRICS, start)
+            tidy_run_dir(run_dir, start)  # fragments of writes a kill interrupted; records of epochs to redo
         log.info("resuming %s at epoch %d/%d", run_dir, start + 1, cfg.epochs)
     if ctx.is_main:
-        save_detect_config(cfg, run_dir / CONFIG)
+        save_config(cfg, run_dir / CONFIG)  # type: ignore[arg-type]  (any config with to_dict)
         log.info("%s", val_set.report.summary())
     forward: nn.Module = model
     if ctx.distributed:

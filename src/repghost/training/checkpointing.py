@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from .distributed import DistContext, all_gather_objects, barrier
 __all__ = [
     "LAST", "BEST", "DEPLOY", "METRICS", "FINAL", "CONFIG", "TRAIN_LOG", "PLOT", "RUN_IDENTITY",
     "RunDirError", "ResumePoint", "prepare_run_dir", "run_state", "save_state", "read_resume_point",
-    "apply_resume_point", "restore_rank_state", "tidy_run_dir", "trim_metrics", "resume_config", "eval_transform",
+    "apply_resume_point", "restore_rank_state", "tidy_run_dir", "resume_config", "eval_transform",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, ctx: DistContext) -> Path:
 def tidy_run_dir(run_dir: Path, next_epoch: int) -> None:
     """What a kill may have left: fragments of interrupted writes, records of epochs to redo."""
     _remove_partial_writes(run_dir)
-    trim_metrics(run_dir / METRICS, next_epoch)
+    _trim_metrics(run_dir / METRICS, next_epoch)
 
 
 def _remove_partial_writes(run_dir: Path) -> None:
@@ -93,7 +93,7 @@ def _remove_partial_writes(run_dir: Path) -> None:
             fragment.unlink(missing_ok=True)
 
 
-def trim_metrics(path: Path, next_epoch: int) -> None:
+def _trim_metrics(path: Path, next_epoch: int) -> None:
     """Keep the records of the epochs the resumed checkpoint has done, nothing after them.
 
     A kill can land after an epoch's record was written but before its checkpoint was; that epoch
@@ -328,22 +328,26 @@ def _same(key: str, a: Any, b: Any) -> bool:
     return a == b
 
 
-def _identity_message(run_dir: Path, key: str, old: Any, new: Any) -> str:
+def _identity_message(run_dir: Path, key: str, old: Any, new: Any, *, classification: bool = True) -> str:
+    fine_tune = f", e.g. --pretrained {run_dir / BEST} to fine-tune from it" if classification else ""
     hint = (
         f"; if the data only moved, edit data_root in {run_dir / CONFIG}"
         if key == "data_root"
-        else f"; start a new run instead (another --output, e.g. --pretrained {run_dir / BEST} to fine-tune from it)"
+        else f"; start a new run instead (another --output{fine_tune})"
     )
     return f"resuming {run_dir} cannot change {key} (the run has {old!r}, asked {new!r}): a run's model and data are fixed{hint}"
 
 
-def check_same_run(run_dir: Path, saved: Mapping[str, Any], asked: Mapping[str, Any]) -> None:
-    """Refuse a resume whose configuration changes the run's model or data (:data:`RUN_IDENTITY`)."""
-    for key in RUN_IDENTITY:
+def check_same_run(
+    run_dir: Path, saved: Mapping[str, Any], asked: Mapping[str, Any], identity: Optional[Sequence[str]] = None
+) -> None:
+    """Refuse a resume whose configuration changes the run's model or data (``identity``, by
+    default the classification run's :data:`RUN_IDENTITY`; the detection trainer passes its own)."""
+    for key in identity if identity is not None else RUN_IDENTITY:
         if key not in saved or asked.get(key) is None:
             continue  # not recorded, or not asked (num_classes: None means "the dataset's")
         if not _same(key, saved[key], asked[key]):
-            raise RunDirError(_identity_message(run_dir, key, saved[key], asked[key]))
+            raise RunDirError(_identity_message(run_dir, key, saved[key], asked[key], classification=identity is None))
 
 
 def resume_config(run_dir: str, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
