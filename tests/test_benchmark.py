@@ -29,6 +29,7 @@ from repghost.bench.latency import (
     write_results,
 )
 from repghost.cli import deploy
+from repghost.bench import latency as deploy_latency
 from repghost.cli import main as cli_main
 from repghost.deploy.export import MissingRuntimeError
 from repghost.deploy.verify import ExportVerificationError, output_diff
@@ -336,3 +337,27 @@ def test_cli_bench_without_matplotlib_fails_before_timing(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert rc == 2 and "pip install 'repghost[plot]'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_int8_keys_time_beside_fp32_where_a_runtime_has_an_int8_path():
+    models = ["repghostnet_050", "repghostnet_050:int8"]
+    result = run_benchmark(models, ["eager", "onnxruntime", "mnn"], input_size=SIZE, rounds=3, warmup=1)
+    assert parse_model("repghostnet_050:int8").int8 and not parse_model("repghostnet_050").int8
+    assert result.find("repghostnet_050:int8", "eager") is None  # eager PyTorch has no int8 form
+    for runtime in ("onnxruntime", "mnn"):
+        m = result.get("repghostnet_050:int8", runtime)
+        # quantized, so not bit-equal to float, but within the broken-file bound
+        assert 0 < m.max_rel_error <= deploy_latency.INT8_TOLERANCE and m.paired_ratio > 0 and m.top1 is None
+    table = markdown_table(result)
+    row = [line for line in table.splitlines() if line.startswith("| repghostnet_050:int8 ")][0]
+    assert row.split("|")[3].strip() == "-" and "then int8" in table
+    with pytest.raises(ValueError, match="no int8 path"):
+        prepare_runner(build_model(parse_model("repghostnet_050")), "eager", input_size=SIZE, threads=1,
+                       work_dir=".", name="x", int8=True)
+
+
+def test_compile_runtime_freezes_and_times_int8_through_the_x86_quantizer():
+    pytest.importorskip("torchao")
+    result = run_benchmark(["repghostnet_050", "repghostnet_050:int8"], ["compile"], input_size=SIZE, rounds=2, warmup=1)
+    assert result.get("repghostnet_050", "compile").max_rel_error < 1e-4
+    assert 0 < result.get("repghostnet_050:int8", "compile").max_rel_error <= deploy_latency.INT8_TOLERANCE

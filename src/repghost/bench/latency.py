@@ -23,6 +23,14 @@ Model keys (:func:`parse_model`), ``[timm:]NAME[:train][:shipped][:nchw|:cl]``:
 * ``:train``: the train form (nothing re-parameterized or folded; for timm models, not even timm's
   own re-parameterization).
 * ``:nchw`` / ``:cl``: override the memory format (default: channels_last, NCHW for ``:shipped``).
+* ``:int8``: the same model quantized to int8 after it is put in its form (post-training, static,
+  per-channel symmetric weights, each runtime's own tool as ``repghost quantize`` uses it:
+  ONNX Runtime ``quantize_static`` QDQ, MNN's quantization tool, PT2E + XNNPACK for ExecuTorch, PT2E
+  + the X86 inductor quantizer for ``compile``), calibrated on random images (latency does not
+  depend on the calibration). Eager PyTorch and TorchScript have no int8 path and show ``-``. The
+  int8 output is checked against eager float within :data:`INT8_TOLERANCE` (a broken file, not a
+  rounding error), and its error is reported. ``repghostnet_100:int8`` beside ``repghostnet_100``
+  gives int8 / fp32 per runtime.
 * ``det:KIND:BACKBONE``: a detector's dense part (backbone, FPN, heads:
   :class:`repghost.detection.export.DetectorCore`) with the light heads and 80 classes, e.g.
   ``det:retinanet:repghostnet_100`` or ``det:retinanet:mobilenet_v3_large``; the backbone in deploy
@@ -103,19 +111,26 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 # eager: the nn.Module; torchscript: traced, frozen and optimize_for_inference'd (PyTorch's
-# fastest path without a compiler); compile: torch.compile (inductor; needs a C++ compiler and
-# tens of seconds per model); the rest run the exported file.
+# fastest path without a compiler); compile: torch.compile with weight freezing
+# (repghost.deploy.compiled.compile_for_cpu; needs a C++ compiler and tens of seconds per model);
+# the rest run the exported file.
 RUNTIMES = ("eager", "torchscript", "compile", "onnxruntime", "mnn", "executorch")
 DEFAULT_RUNTIMES = ("eager", "onnxruntime", "mnn")
+INT8_RUNTIMES = ("compile", "onnxruntime", "mnn", "executorch")
+# An int8 model's largest output error relative to the float outputs' range, above which it is
+# taken to be broken rather than rounded. Random-weight models have thin outputs that int8 rounds
+# coarsely: up to 0.41 was measured here (MNN, a timm model at 64 px); trained ones stay far below.
+INT8_TOLERANCE = 0.5
 _EXPORT_FORMAT = {"torchscript": "torchscript", "onnxruntime": "onnx", "mnn": "mnn", "executorch": "executorch"}
-_OPTIONS = ("train", "shipped", "nchw", "cl")
+_OPTIONS = ("train", "shipped", "nchw", "cl", "int8")
 # One line per key form, for `repghost bench --help` (the module docstring says the same at length).
 MODEL_KEY_SYNTAX = (
     "NAME = this project's model, deploy form (every conv-BN pair folded), channels_last; "
     "timm:NAME = timm's model given the same treatment (timm's own reparameterize_model, every "
     "conv-BN pair folded, channels_last): compare architectures on these; "
     "timm:NAME:shipped = as timm ships it (only timm's reparameterize_model, BatchNorm kept, NCHW); "
-    ":train = train form, nothing folded; :nchw / :cl = memory format"
+    ":train = train form, nothing folded; :nchw / :cl = memory format; "
+    ":int8 = quantized to int8 in each runtime's own tool (compile, onnxruntime, mnn, executorch)"
 )
 DEFAULT_MODELS = (
     "repghostnet_100",
@@ -153,10 +168,15 @@ class ModelSpec:
     channels_last: bool
     shipped: bool = False  # timm only: as timm ships it (no conv-BN folding of ours)
     detector: Optional[str] = None  # "det" keys: retinanet, maskrcnn, fcos (arch is the backbone)
+    int8: bool = False  # quantized after it is put in its form (:int8)
+
+    def runs_in(self, runtime: str) -> bool:
+        """Whether this model has a form in ``runtime`` (int8 models have none in eager/TorchScript)."""
+        return not self.int8 or runtime in INT8_RUNTIMES
 
 
 def parse_model(key: str) -> ModelSpec:
-    """Parse ``[timm:]NAME[:train][:shipped][:nchw|:cl]`` (see the module docstring)."""
+    """Parse ``[timm:]NAME[:train][:shipped][:nchw|:cl][:int8]`` (see the module docstring)."""
     parts = key.split(":")
     source = "repghost"
     if parts[0] == "det":
@@ -169,7 +189,7 @@ def parse_model(key: str) -> ModelSpec:
     unknown = [o for o in options if o not in _OPTIONS]
     if unknown or len(set(options)) != len(options) or ("nchw" in options and "cl" in options):
         raise ValueError(
-            f"model key {key!r}: options are :train, :shipped (timm models) and one of :nchw / :cl, got {options}"
+            f"model key {key!r}: options are :train, :shipped (timm models), one of :nchw / :cl, and :int8, got {options}"
         )
     if source == "repghost" and "shipped" in options:
         raise ValueError(
@@ -188,7 +208,7 @@ def parse_model(key: str) -> ModelSpec:
             raise ValueError(f"timm has no model {arch!r} (from {key!r}); see timm.list_models()")
     shipped = "shipped" in options
     channels_last = "cl" in options or ("nchw" not in options and not shipped)
-    return ModelSpec(key, source, arch, "train" in options, channels_last, shipped)
+    return ModelSpec(key, source, arch, "train" in options, channels_last, shipped, int8="int8" in options)
 
 
 def _parse_detector_key(key: str, parts: List[str]) -> ModelSpec:
@@ -207,6 +227,10 @@ def _parse_detector_key(key: str, parts: List[str]) -> ModelSpec:
 
 def describe_model(spec: ModelSpec) -> str:
     """How a spec's model is built, in words (for reports)."""
+    if spec.int8:
+        float_key = ":".join(p for p in spec.key.split(":") if p != "int8")
+        return (f"{describe_model(parse_model(float_key))}; then int8 (static, per-channel symmetric weights, "
+                "the runtime's own quantizer, calibrated on random images)")
     layout = "channels_last" if spec.channels_last else "NCHW"
     if spec.source == "detection":
         form = "train form" if spec.train_form else "backbone in deploy form (re-parameterized / conv-BN folded)"
@@ -307,22 +331,27 @@ def prepare_runner(
     work_dir: str,
     name: str,
     tolerance: float = EXPORT_TOLERANCE,
+    int8: bool = False,
 ) -> Tuple[Runner, float]:
     """Make ``run(x)`` for ``model`` in ``runtime``, verified against eager; returns it and max_rel.
 
     Exports go to ``work_dir`` as ``name`` + the format's suffix. Every runner returns the
     outputs as numpy arrays and runs with ``threads`` threads; the process's torch thread count
     is not changed (torch-side runners switch to ``threads`` for a call when it differs; the
-    timing functions' callers set it for the whole timing instead).
+    timing functions' callers set it for the whole timing instead). With ``int8``, the model is
+    quantized in the runtime's own tool (:func:`_prepare_int8`) and checked within
+    :data:`INT8_TOLERANCE` instead of ``tolerance``.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; valid runtimes: {', '.join(RUNTIMES)}")
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, *input_size), dtype=np.float32))
+    if int8:
+        return _prepare_int8(model, runtime, x, threads=threads, work_dir=work_dir, name=name)
     if runtime == "eager":
         return with_torch_threads(_torch_runner(model), threads), 0.0
     if runtime == "compile":
-        # Compiled on the first call, i.e. in the verification, with ``threads`` threads.
-        run_compiled = with_torch_threads(_torch_runner(torch.compile(model)), threads)
+        # Compiled here, on the first call, with ``threads`` threads.
+        run_compiled = with_torch_threads(_compiled_runner(model, x, threads), threads)
         return run_compiled, verify_runner(run_compiled, model, x, "torch.compile", tolerance).max_rel
 
     fmt = _EXPORT_FORMAT[runtime]
@@ -340,6 +369,34 @@ def prepare_runner(
     run_frozen = with_torch_threads(_torch_runner(frozen), threads)
     diff = verify_runner(run_frozen, model, x, "frozen TorchScript", tolerance)
     return run_frozen, max(report.max_rel, diff.max_rel)
+
+
+def _compiled_runner(module: nn.Module, x: torch.Tensor, threads: int) -> Runner:
+    from ..deploy.compiled import compile_for_cpu
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # inductor picks its kernels for the thread count it compiles with
+    try:
+        return _torch_runner(compile_for_cpu(module, x))
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _prepare_int8(model: nn.Module, runtime: str, x: torch.Tensor, *, threads: int, work_dir: str, name: str) -> Tuple[Runner, float]:
+    """The int8 form of ``model`` (already in the form to time) in ``runtime``, checked against it."""
+    from ..deploy.quantize import quantize_for_inductor, write_quantized
+
+    if runtime not in INT8_RUNTIMES:
+        raise ValueError(f"{runtime} has no int8 path here; int8 models run in {', '.join(INT8_RUNTIMES)}")
+    # Latency does not depend on the calibration images; random ones keep the benchmark data-free.
+    calibration = torch.from_numpy(np.random.default_rng(2).standard_normal((16, *x.shape[1:]), dtype=np.float32))
+    if runtime == "compile":
+        run = with_torch_threads(_compiled_runner(quantize_for_inductor(model, calibration, reparameterize=False), x, threads), threads)
+    else:
+        fmt = _EXPORT_FORMAT[runtime]
+        path = write_quantized(model, os.path.join(work_dir, name + SUFFIXES[fmt]), fmt, calibration, reparameterize=False)
+        run = load_runner(path, fmt, threads=threads)
+    return run, verify_runner(run, model, x, f"the int8 model in {runtime}", INT8_TOLERANCE).max_rel
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,11 +503,18 @@ class BenchmarkResult:
     reference: Optional[str]
     measurements: List[Measurement]
 
-    def get(self, model: str, runtime: str) -> Measurement:
+    def find(self, model: str, runtime: str) -> Optional[Measurement]:
+        """The measurement of ``model`` in ``runtime``, ``None`` when that pair was not timed."""
         for m in self.measurements:
             if m.model == model and m.runtime == runtime:
                 return m
-        raise KeyError(f"no measurement of {model!r} in {runtime!r}")
+        return None
+
+    def get(self, model: str, runtime: str) -> Measurement:
+        found = self.find(model, runtime)
+        if found is None:
+            raise KeyError(f"no measurement of {model!r} in {runtime!r}")
+        return found
 
     def ratio(self, model: str, reference: str, runtime: str) -> float:
         """Median over rounds of latency(model) / latency(reference), both from this run."""
@@ -539,12 +603,16 @@ def run_benchmark(
         x = np.random.default_rng(seed).standard_normal((1, *input_size), dtype=np.float32)
         runners: Dict[Tuple[str, str], Callable[[], object]] = {}
         errors: Dict[Tuple[str, str], float] = {}
-        total, done = len(specs) * len(runtimes), 0
+        pairs = [(spec, runtime) for spec in specs for runtime in runtimes if spec.runs_in(runtime)]
+        total, done = len(pairs), 0
         for spec in specs:
             model = build_model(spec, seed=seed, input_size=input_size)
             for runtime in runtimes:
+                if not spec.runs_in(runtime):
+                    continue
                 run, max_rel = prepare_runner(
-                    model, runtime, input_size=input_size, threads=threads, work_dir=work, name=_slug(spec.key)
+                    model, runtime, input_size=input_size, threads=threads, work_dir=work, name=_slug(spec.key),
+                    int8=spec.int8,
                 )
                 runners[(spec.key, runtime)] = (lambda run=run: run(x))
                 errors[(spec.key, runtime)] = max_rel
@@ -565,8 +633,11 @@ def run_benchmark(
     measurements = []
     for spec in specs:
         for runtime in runtimes:
+            if (spec.key, runtime) not in samples:
+                continue  # no int8 form in this runtime
             ms = [s * 1e3 for s in samples[(spec.key, runtime)]]
-            published = published_accuracy(spec.arch) if spec.source != "detection" else None  # ImageNet top-1 is no detector's
+            # ImageNet top-1 is no detector's, nor an int8 model's (quantization changes it)
+            published = published_accuracy(spec.arch) if spec.source != "detection" and not spec.int8 else None
             measurements.append(
                 Measurement(
                     model=spec.key,
@@ -597,8 +668,10 @@ def run_benchmark(
         measurements=measurements,
     )
     for m in measurements:
-        m.ratio = m.median_ms / result.get(reference, m.runtime).median_ms
-        m.paired_ratio = result.ratio(m.model, reference, m.runtime)
+        ref = result.find(reference, m.runtime)
+        if ref is not None:  # an int8 reference has no eager figure to divide by
+            m.ratio = m.median_ms / ref.median_ms
+            m.paired_ratio = result.ratio(m.model, reference, m.runtime)
     return result
 
 
@@ -621,10 +694,14 @@ def markdown_table(result: BenchmarkResult) -> str:
         "|---|---|" + "---|---|" * len(runtimes),
     ]
     for model in models:
-        first = result.get(model, runtimes[0])
-        cells = [model, f"{first.top1:.1f}" if first.top1 is not None else "-"]
+        timed = [m for m in (result.find(model, r) for r in runtimes) if m is not None]
+        top1 = timed[0].top1 if timed else None
+        cells = [model, f"{top1:.1f}" if top1 is not None else "-"]
         for runtime in runtimes:
-            m = result.get(model, runtime)
+            m = result.find(model, runtime)
+            if m is None:  # an int8 model in a runtime without an int8 path
+                cells += ["-", "-"]
+                continue
             cells.append(f"{m.median_ms:.2f} [{m.p10_ms:.2f}-{m.p90_ms:.2f}]")
             cells.append(f"{m.paired_ratio:.2f}" if m.paired_ratio is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")

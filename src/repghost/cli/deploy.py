@@ -46,8 +46,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-data-root", default=None, metavar="DIR", help="where --calib-data's dataset lives")
     p.add_argument("--calib-count", type=int, default=256, help="calibration images (default 256)")
     p.add_argument("--verify-count", type=int, default=256, help="held-out validation images the int8 model is checked on (default 256)")
-    p.add_argument("--method", default="minmax",
-                   help="activation calibration: " + "; ".join(f"{f}: {', '.join(m)}" for f, m in CALIBRATION_METHODS.items()))
+    p.add_argument("--method", default=None,
+                   help="activation calibration (the first is the default): "
+                   + "; ".join(f"{f}: {', '.join(m)}" for f, m in CALIBRATION_METHODS.items()))
     p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
                    help=f"refuse the file below this top-1 agreement with the float model (default {DEFAULT_MIN_AGREEMENT})")
     p.add_argument("--train-form", action="store_true", help="quantize the train form without folding (to compare)")
@@ -144,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..checkpoint import model_from_checkpoint
-    from ..deploy.quantize import quantize_model
+    from ..deploy.quantize import quantize_model, sidecar_path
     from ..deploy.verify import load_image_batch
 
     for name in ("calib_count", "verify_count"):
@@ -161,6 +162,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     form = "train form (not folded)" if args.train_form else "deploy form"
     size = f"{report.size_bytes / 1e6:.2f} MB" + (f" (float {report.float_size_bytes / 1e6:.2f} MB)" if report.float_size_bytes else "")
     print(f"quantized {report.path} ({report.format}, int8, {form}, {size})")
+    if args.fmt != "onnx":
+        print(f"recorded  the eval transform and class count in {sidecar_path(report.path)} (for `repghost eval`)")
     print(f"calibrated on {report.calibration_images} {args.calib_data} training images ({report.method})")
     print(f"verified  in its runtime on {report.verify_images} validation images: top-1 agreement with float "
           f"{report.top1_agreement:.1%}, max logit error {report.max_rel_logit_error:.3f} of the logit range")

@@ -299,12 +299,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..reparam import model_form, reparameterize_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if str(args.checkpoint).endswith(".onnx"):  # an exported or int8 file, run in ONNX Runtime
-        from ..deploy.quantize import RunnerModel
+    from ..deploy.quantize import RunnerModel
 
-        model = RunnerModel.from_onnx(args.checkpoint)
+    if str(args.checkpoint).lower().endswith(tuple(RunnerModel.FORMATS)):  # an exported or int8 file, run in its runtime
+        model = RunnerModel.from_file(args.checkpoint)
         device = torch.device("cpu")
-        stored, layout, source = model.eval_transform, "onnx", "onnxruntime"
+        stored, layout, source = model.eval_transform, model.fmt, model.runtime
     else:
         model, ckpt = model_from_checkpoint(args.checkpoint, model_name=args.model, use_ema=not args.no_ema)
         if args.deploy:

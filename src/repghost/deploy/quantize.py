@@ -10,6 +10,14 @@ weights, activations calibrated on real images of the user's data.
   metadata, so ``repghost eval`` can score it.
 * ``executorch``: PyTorch's PT2E flow with the XNNPACK quantizer (per-channel symmetric), lowered
   to XNNPACK; calibration ``minmax`` (the quantizer's observers).
+* ``mnn``: MNN's own offline quantization tool (``quantized.out``, compiled into the MNN wheel as
+  ``_tools.mnnquant``; weights ``MAX_ABS`` per channel), calibration ``ema`` (a moving average of
+  each tensor's min/max) or ``kl`` (KL-divergence clipping, MNN's default). On Fashion-MNIST at
+  32 px, ``kl`` clipped so hard that the 0.5x model agreed with float on only 82% of images
+  against 99% with ``ema`` (docs/quantization.md), hence ``ema`` as this project's default.
+
+:func:`quantize_for_inductor` is the fourth path, for PyTorch itself: PT2E with the X86 inductor
+quantizer, to be run through ``torch.compile`` (``repghost bench --runtimes compile`` times it).
 
 Every file is then run in its runtime on held-out real images and compared with the float model:
 the share of images whose top-1 class agrees, and the largest logit difference relative to the
@@ -37,6 +45,10 @@ from .verify import as_numpy_list
 
 __all__ = [
     "RunnerModel",
+    "DEFAULT_METHODS",
+    "write_quantized",
+    "quantize_for_inductor",
+    "sidecar_path",
     "QUANT_FORMATS",
     "CALIBRATION_METHODS",
     "QuantizationError",
@@ -48,8 +60,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-QUANT_FORMATS = ("onnx", "executorch")
-CALIBRATION_METHODS = {"onnx": ("minmax", "entropy", "percentile"), "executorch": ("minmax",)}
+QUANT_FORMATS = ("onnx", "executorch", "mnn")
+CALIBRATION_METHODS = {"onnx": ("minmax", "entropy", "percentile"), "executorch": ("minmax",), "mnn": ("ema", "kl")}
+DEFAULT_METHODS = {"onnx": "minmax", "executorch": "minmax", "mnn": "ema"}
 DEFAULT_MIN_AGREEMENT = 0.95
 
 
@@ -174,7 +187,116 @@ def _quantize_executorch(prepared: nn.Module, tmp: str, calib: torch.Tensor, met
     Path(tmp).write_bytes(program.buffer)
 
 
-_QUANTIZERS = {"onnx": _quantize_onnx, "executorch": _quantize_executorch}
+def _calibration_images(calib: torch.Tensor, folder: str) -> Dict[str, Any]:
+    """Write ``calib`` as 8-bit PNGs for MNN's tool, which reads only image files (or its own text
+    format), and return the ``mean``/``normal`` that map the pixels back: ``(px - mean) * normal``.
+
+    The mapping is a per-channel affine over the whole batch's range, so it needs no knowledge of
+    the eval transform; the only loss is rounding to 256 levels per channel, in calibration data.
+    """
+    from PIL import Image
+
+    lo = calib.amin(dim=(0, 2, 3))
+    span = (calib.amax(dim=(0, 2, 3)) - lo).clamp_min(1e-8)
+    pixels = ((calib - lo[None, :, None, None]) / span[None, :, None, None] * 255).round().clamp(0, 255).byte()
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(os.path.join(folder, f"{i:05d}.png"))
+    normal = span / 255
+    return {"mean": (-lo / normal).tolist(), "normal": normal.tolist()}
+
+
+def _quantize_mnn(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: str, metadata: Mapping[str, Any], work: str) -> None:
+    import subprocess
+    import sys
+
+    from .export import _write_mnn
+
+    if calib.shape[1] != 3:
+        raise ValueError(f"MNN's quantization tool reads RGB calibration images; this model takes {calib.shape[1]} channels")
+    float_path = os.path.join(work, "float.mnn")
+    _write_mnn(prepared, float_path, calib[:1].contiguous(), opset=17, dynamic_batch=False, n_outputs=1)
+    images = os.path.join(work, "calibration")
+    config = dict(
+        _calibration_images(calib, images), format="RGB", width=int(calib.shape[-1]), height=int(calib.shape[-2]),
+        path=images + os.sep, used_image_num=len(calib), feature_quantize_method=method.upper(),
+        weight_quantize_method="MAX_ABS",
+    )
+    config_path = os.path.join(work, "quant.json")
+    Path(config_path).write_text(json.dumps(config))
+    # MNN's tool is C++ that can crash the process (its ADMM method segfaulted here); a child
+    # process keeps a crash from taking the caller with it. `_tools` is the tool itself, without
+    # the `mnnquant` console script's usage logger (as for the converter in export.py).
+    code = "import sys, _tools; sys.exit(0 if _tools.mnnquant(sys.argv[1:]) else 3)"
+    out = os.path.join(work, "int8.mnn")  # the tool also writes a FILE.json of its scales beside its output
+    done = subprocess.run(
+        [sys.executable, "-c", code, "mnnquant", float_path, out, config_path], capture_output=True, text=True
+    )
+    log.debug("MNN quantization tool output:\n%s", done.stdout[-4000:])
+    if done.returncode != 0 or not os.path.exists(out) or not os.path.getsize(out):
+        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
+        raise RuntimeError(f"MNN's quantization tool failed (exit code {done.returncode}): {tail}")
+    os.replace(out, tmp)
+
+
+_QUANTIZERS = {"onnx": _quantize_onnx, "executorch": _quantize_executorch, "mnn": _quantize_mnn}
+_FLOAT_FILES = ("float.onnx", "float.mnn")
+
+
+def sidecar_path(path: PathLike) -> Path:
+    """Where ``quantize`` records the eval transform and class count of an MNN or ExecuTorch file
+    (formats without a metadata field of their own): ``FILE.json`` beside it."""
+    return Path(str(path) + ".json")
+
+
+def _check_method(fmt: str, method: Optional[str]) -> str:
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; valid: {', '.join(QUANT_FORMATS)}")
+    method = DEFAULT_METHODS[fmt] if method is None else method
+    if method not in CALIBRATION_METHODS[fmt]:
+        raise ValueError(f"calibration method {method!r} is not offered for {fmt}; choose one of {', '.join(CALIBRATION_METHODS[fmt])}")
+    return method
+
+
+def write_quantized(
+    model: nn.Module, out_path: PathLike, fmt: str, calibration: torch.Tensor, *, method: Optional[str] = None,
+    reparameterize: bool = True,
+) -> Path:
+    """Fold ``model`` (unless ``reparameterize=False``) and write its int8 form for ``fmt``, calibrated
+    on ``calibration``, without checking it against the float model (:func:`quantize_model` does;
+    the benchmark, which times random-weight models, uses this). Atomic: nothing is left on failure."""
+    method = _check_method(fmt, method)
+    require_format(fmt)
+    prepared = _inference_copy(model.eval(), reparameterize).eval()
+
+    def write(tmp: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="repghost-quant-") as work:
+            _QUANTIZERS[fmt](prepared, tmp, calibration.detach().float().cpu(), method, {}, work)
+
+    return atomic_write(out_path, write)
+
+
+def quantize_for_inductor(model: nn.Module, calibration: torch.Tensor, *, reparameterize: bool = True) -> nn.Module:
+    """Fold ``model`` and quantize it with PyTorch's PT2E flow and the X86 inductor quantizer (int8
+    activations and per-channel int8 weights, the quantizer's default static config), calibrated on
+    ``calibration``. Returns the converted graph module; compile it with freezing on
+    (:func:`repghost.deploy.compiled.compile_for_cpu`) so inductor lowers it to oneDNN int8 kernels."""
+    import copy
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    prepared = _inference_copy(model.eval(), reparameterize).eval()
+    plain = copy.deepcopy(prepared).to(memory_format=torch.contiguous_format).eval()
+    calib = calibration.detach().float().cpu()
+    graph = torch.export.export(plain, (calib[:1].contiguous(),)).module()
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    observed = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for i in range(len(calib)):
+            observed(calib[i : i + 1].contiguous())
+    return convert_pt2e(observed)
 
 
 def quantize_model(
@@ -184,7 +306,7 @@ def quantize_model(
     calibration: torch.Tensor,
     verification: torch.Tensor,
     *,
-    method: str = "minmax",
+    method: Optional[str] = None,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     reparameterize: bool = True,
     metadata: Optional[Mapping[str, Any]] = None,
@@ -198,10 +320,7 @@ def quantize_model(
     ``min_agreement``, ``ValueError`` for bad arguments, :class:`MissingRuntimeError` when the
     runtime is not installed; on any failure nothing is left at ``out_path``.
     """
-    if fmt not in QUANT_FORMATS:
-        raise ValueError(f"unknown quantization format {fmt!r}; valid: {', '.join(QUANT_FORMATS)}")
-    if method not in CALIBRATION_METHODS[fmt]:
-        raise ValueError(f"calibration method {method!r} is not offered for {fmt}; choose one of {', '.join(CALIBRATION_METHODS[fmt])}")
+    method = _check_method(fmt, method)
     for name, batch in (("calibration", calibration), ("verification", verification)):
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or len(batch) < 1:
             raise ValueError(f"{name} images must be an (N, 3, H, W) batch with N >= 1, got {getattr(batch, 'shape', batch)}")
@@ -218,8 +337,8 @@ def quantize_model(
     def write(tmp: str) -> None:
         with tempfile.TemporaryDirectory(prefix="repghost-quant-") as work:
             _QUANTIZERS[fmt](prepared, tmp, calibration.detach().float().cpu(), method, dict(metadata or {}), work)
-            float_path = os.path.join(work, "float.onnx")
-            holder["float_size"] = os.path.getsize(float_path) if os.path.exists(float_path) else None
+            floats = [os.path.join(work, f) for f in _FLOAT_FILES if os.path.exists(os.path.join(work, f))]
+            holder["float_size"] = os.path.getsize(floats[0]) if floats else None
         got = _run_all(load_runner(tmp, fmt), verification)
         stats = compare_logits(reference, got)
         if stats["top1_agreement"] < min_agreement:
@@ -231,6 +350,12 @@ def quantize_model(
         holder["stats"] = stats
 
     path = atomic_write(out_path, write)
+    if fmt != "onnx" and metadata:  # ONNX files carry it inside
+        try:
+            atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(dict(metadata), indent=2)))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
     report = QuantReport(
         format=fmt, path=str(path), method=method, calibration_images=len(calibration), verify_images=len(verification),
         size_bytes=path.stat().st_size, float_size_bytes=holder.get("float_size"), seconds=time.perf_counter() - started,
@@ -241,31 +366,49 @@ def quantize_model(
 
 
 class RunnerModel(nn.Module):
-    """An exported file (ONNX) behind the ``nn.Module`` interface, so the evaluation code can score it.
+    """An exported file (ONNX, MNN, ExecuTorch) behind the ``nn.Module`` interface, so the evaluation
+    code can score it.
 
     Runs every image of a batch through the file's runtime (files are exported at batch 1) and
-    returns the logits as a tensor. ``eval_transform`` and ``num_classes`` come from the file's
-    metadata (``repghost quantize`` stores them).
+    returns the logits as a tensor. ``eval_transform`` and ``num_classes`` come from what
+    ``repghost quantize`` stored: the ONNX file's metadata, or the ``FILE.json`` beside an MNN or
+    ExecuTorch file (:func:`sidecar_path`).
     """
 
-    def __init__(self, run: Any, *, num_classes: int, eval_transform: Mapping[str, Any], form: str) -> None:
+    FORMATS = {".onnx": "onnx", ".mnn": "mnn", ".pte": "executorch"}
+    RUNTIME_NAMES = {"onnx": "onnxruntime", "mnn": "MNN", "executorch": "ExecuTorch"}
+
+    def __init__(self, run: Any, *, num_classes: int, eval_transform: Mapping[str, Any], form: str, fmt: str = "onnx") -> None:
         super().__init__()
         self.run = run
+        self.fmt = fmt
+        self.runtime = self.RUNTIME_NAMES[fmt]
         self.num_classes = num_classes
         self.eval_transform = dict(eval_transform)
         self.form = form
 
     @classmethod
-    def from_onnx(cls, path: PathLike) -> "RunnerModel":
-        meta = onnx_metadata(path)
+    def from_file(cls, path: PathLike) -> "RunnerModel":
+        fmt = cls.FORMATS.get(Path(path).suffix.lower())
+        if fmt is None:
+            raise ValueError(f"{path}: not a file a runtime scores here; expected one of {', '.join(cls.FORMATS)}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        meta = onnx_metadata(path) if fmt == "onnx" else {}
+        side = sidecar_path(path)
+        if "num_classes" not in meta and side.is_file():
+            meta = {k: json.dumps(v) for k, v in json.loads(side.read_text()).items()}
         if "num_classes" not in meta:
             raise ValueError(
-                f"{path}: records no class count or eval transform; `repghost eval` scores ONNX files written by "
-                "`repghost quantize` (or evaluate the checkpoint it came from)"
+                f"{path}: records no class count or eval transform (ONNX metadata, or {side.name} beside the file); "
+                "`repghost eval` scores files written by `repghost quantize` (or evaluate the checkpoint it came from)"
             )
-        form = "int8" if _integer_ops(str(path)) else "onnx"
-        return cls(load_runner(path, "onnx"), num_classes=int(json.loads(meta["num_classes"])),
-                   eval_transform=json.loads(meta.get("eval_transform", "{}")), form=form)
+        # Only quantize writes MNN/ExecuTorch sidecars, so those files are int8; ONNX ones say so by their ops.
+        form = "int8" if fmt != "onnx" or _integer_ops(str(path)) else "onnx"
+        return cls(load_runner(path, fmt), num_classes=int(json.loads(meta["num_classes"])),
+                   eval_transform=json.loads(meta.get("eval_transform", "{}")), form=form, fmt=fmt)
+
+    from_onnx = from_file  # the name this had when only ONNX files were scored
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(_run_all(self.run, x.contiguous()))
