@@ -67,9 +67,15 @@ def main_study() -> int:
             for fmt, method, train_form in CASES:
                 suffix = {"onnx": ".onnx", "mnn": ".mnn", "executorch": ".pte"}[fmt]
                 out = os.path.join(work, f"{name}-{fmt}-{method}{'-train' if train_form else ''}{suffix}")
-                text = _run(["quantize", "--checkpoint", ckpt, "--format", fmt, "--method", method, "--out", out,
+                try:
+                    text = _run(["quantize", "--checkpoint", ckpt, "--format", fmt, "--method", method, "--out", out,
                              "--calib-data", args.data, "--calib-data-root", args.data_root, "--min-agreement", "0",
-                             *(["--train-form"] if train_form else [])])
+                                 *(["--train-form"] if train_form else [])])
+                except SystemExit as exc:  # e.g. MNN's tool crashing on a model: recorded, the study goes on
+                    results.append(dict(model=name, checkpoint=ckpt, format=fmt, method=method, form="deploy form",
+                                        fp32_top1=fp32["top1"], error=str(exc)))
+                    print(f"  {fmt:10s} {method:10s} FAILED: {exc}", file=sys.stderr)
+                    continue
                 agreement = float(text.split("agreement with float ")[1].split("%")[0])
                 size = os.path.getsize(out)
                 int8 = json.loads(_run(["eval", "--checkpoint", out, *data, "--json"]))
@@ -84,10 +90,15 @@ def main_study() -> int:
     env = dict(cpu=_cpu(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), python=platform.python_version())
     with open(os.path.join(args.out, "accuracy.json"), "w") as f:
         json.dump(dict(environment=env, command=" ".join(sys.argv), results=results), f, indent=2)
-    lines = [f"INT8 top-1 on {args.data} val ({results[0]['count']:.0f} images); {env['cpu']}; {env['date']}.", "",
+    count = next(r["count"] for r in results if "count" in r)
+    lines = [f"INT8 top-1 on {args.data} val ({count:.0f} images); {env['cpu']}; {env['date']}.", "",
              "| model | file | calibration | form | fp32 top-1 | int8 top-1 | change | top-1 agreement (256 val) | size MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['format']} | {r['method']} | {r['form']} | {r['fp32_top1']:.2f} | "
+                         "failed (see accuracy.json) | - | - | - |")
+            continue
         lines.append(f"| {r['model']} | {r['format']} | {r['method']} | {r['form']} | {r['fp32_top1']:.2f} | "
                      f"{r['int8_top1']:.2f} | {r['change']:+.2f} | {r['agreement_256']:.1f}% | {r['size_bytes'] / 1e6:.2f} |")
     with open(os.path.join(args.out, "accuracy.md"), "w") as f:

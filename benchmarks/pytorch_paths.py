@@ -31,6 +31,7 @@ def main() -> int:
     p.add_argument("--model", default="repghostnet_100")
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", action="store_true", help="only print torch.profiler's table for the frozen compiled model")
     args = p.parse_args()
     torch.set_num_threads(1)
     import torch._inductor.config as ic
@@ -41,6 +42,17 @@ def main() -> int:
     with torch.no_grad():
         ref = model(x)
     runners, notes = {}, {}
+    if args.profile:
+        from torch.profiler import profile
+
+        with ic.patch(freezing=True):
+            fn = torch.compile(model)
+            fn(x)
+        with profile() as prof:
+            for _ in range(20):
+                fn(x)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+        return 0
 
     def add(name, fn, started, error):
         runners[name] = fn

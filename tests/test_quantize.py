@@ -169,3 +169,31 @@ def test_compare_logits():
     assert stats["top1_agreement"] == 0.5 and stats["max_rel_logit_error"] == pytest.approx(1.0)
     with pytest.raises(QuantizationError, match="non-finite"):
         compare_logits(ref, ref * np.nan)
+
+
+def test_a_timm_baseline_trained_here_is_quantized_and_scored_by_the_same_commands(tmp_path, capsys):
+    """GhostNet/MobileNetV3 runs of `repghost train` (model: timm:NAME) go through `quantize` and
+    `eval` like ours: the checkpoint names its timm model, which is rebuilt and loaded strictly."""
+    from repghost.checkpoint import CheckpointError, model_from_checkpoint
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synthetic", "--model", "timm:mobilenetv3_small_050", "--img-size", "32",
+                 "--synthetic-samples", "64", "-b", "16", "-j", "0", "--epochs", "1", "--output", str(run),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    model, ckpt = model_from_checkpoint(str(run / "best.pth"))
+    assert ckpt.layout == "timm-baseline" and ckpt.timm_model == "mobilenetv3_small_050" and model.num_classes == 10
+    out = tmp_path / "int8.onnx"
+    assert main(["quantize", "--checkpoint", str(run / "best.pth"), "--format", "onnx", "--out", str(out),
+                 *COMMON[:-1], "0"]) == 0
+    assert "timm-baseline" not in capsys.readouterr().err and _ops(out).count("QuantizeLinear") > 10
+    result = _eval(out, capsys)
+    assert result["form"] == "int8" and result["transform"]["img_size"] == 32
+    # weights that do not fit the recorded timm model are a clear error, not a silent partial load
+    import torch
+
+    state = torch.load(run / "best.pth", weights_only=True)
+    state["train_config"] = state["train_config"].replace("mobilenetv3_small_050", "mobilenetv3_small_100")
+    torch.save(state, tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match="do not fit timm's mobilenetv3_small_100"):
+        model_from_checkpoint(str(tmp_path / "wrong.pth"))

@@ -70,6 +70,13 @@ class Checkpoint:
     source: str  # which entry of a wrapper dict was used ("state_dict_ema", ... or "" for none)
     metadata: Dict[str, str]
     model_names: Dict[str, str] = field(default_factory=dict)  # e.g. {"args.model": "repghostnet_0_5x"}
+    train_config: Dict[str, object] = field(default_factory=dict)  # `repghost train`'s config, when it wrote the file
+
+    @property
+    def timm_model(self) -> Optional[str]:
+        """The timm model name of a timm baseline trained by `repghost train` (``None`` otherwise)."""
+        name = str(self.train_config.get("model", ""))
+        return name[len("timm:") :] if name.startswith("timm:") else None
 
     @property
     def form(self) -> str:
@@ -231,13 +238,28 @@ def read_checkpoint(path: PathLike, *, use_ema: bool = True) -> Checkpoint:
         metadata = {str(k): str(v) for k, v in raw["metadata"].items()}  # repghost training files
     state_dict, source = _unwrap(raw, p, use_ema)
     state_dict = _strip_prefixes(state_dict)
+    train_config = _train_config(raw)
+    if str(train_config.get("model", "")).startswith("timm:"):
+        return Checkpoint(str(p), state_dict, "timm-baseline", source, metadata, _model_names(raw), train_config)
     try:
         layout = detect_layout(state_dict)
     except CheckpointError as exc:
         raise CheckpointError(f"{p}: {exc}") from None
     if metadata.get("format") == FORMAT_NAME and f"repghost-{metadata.get('form')}" in LAYOUT_FORMS:
         layout = f"repghost-{metadata['form']}"
-    return Checkpoint(str(p), state_dict, layout, source, metadata, _model_names(raw))
+    return Checkpoint(str(p), state_dict, layout, source, metadata, _model_names(raw), train_config)
+
+
+def _train_config(raw: object) -> Dict[str, object]:
+    """The training config a `repghost train` checkpoint records (a JSON string), else ``{}``."""
+    text = raw.get("train_config") if isinstance(raw, Mapping) and not _is_state_dict(raw) else None
+    if not isinstance(text, str):
+        return {}
+    try:
+        cfg = json.loads(text)
+    except ValueError:
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,6 +90,8 @@ LAYOUT_FORMS = {
     "repghost-deploy": "deploy",
     "authors-train": "train",
     "authors-deploy": "branch-folded",
+    # a timm baseline (`model: timm:NAME`) trained by `repghost train`; built by timm, not by us
+    "timm-baseline": "train",
 }
 
 # Options that change the network but may leave no trace in the tensors.

@@ -219,6 +219,8 @@ def model_from_checkpoint(
     if model_name is not None and model_name not in C.WIDTHS:
         raise ValueError(f"unknown model {model_name!r}; valid names: {', '.join(C.WIDTHS)}")
     ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path, use_ema=use_ema)
+    if ckpt.timm_model is not None:
+        return _timm_baseline(ckpt, channels_last=channels_last), ckpt
     cfg = infer_config(ckpt, options)
     found = C.model_name_for_width(cfg.width) or f"width {cfg.width}"
     if model_name is not None and C.WIDTHS[model_name] != cfg.width:
@@ -230,3 +232,22 @@ def model_from_checkpoint(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.eval(), ckpt
+
+
+def _timm_baseline(ckpt: Checkpoint, *, channels_last: bool) -> nn.Module:
+    """A timm baseline trained by `repghost train` (``model: timm:NAME``), built as the trainer built
+    it (``timm.create_model(NAME, num_classes)``) and loaded strictly, so that `repghost eval`,
+    `export` and `quantize` take it like one of ours."""
+    import timm
+
+    name = ckpt.timm_model
+    if not timm.is_model(name):
+        raise CheckpointError(f"{ckpt.path} holds timm's {name}, which this timm ({timm.__version__}) does not have")
+    model = timm.create_model(name, pretrained=False, num_classes=int(ckpt.train_config.get("num_classes", 1000)))
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt.path}: its weights do not fit timm's {name}: {str(exc).splitlines()[0]}") from None
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()

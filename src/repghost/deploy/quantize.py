@@ -67,7 +67,8 @@ DEFAULT_MIN_AGREEMENT = 0.95
 
 
 class QuantizationError(ValueError):
-    """The quantized model does not agree well enough with the float one (nothing was written)."""
+    """The runtime's quantizer failed on the model, or the quantized model does not agree well
+    enough with the float one (either way nothing was written)."""
 
 
 @dataclass
@@ -235,7 +236,8 @@ def _quantize_mnn(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: st
     log.debug("MNN quantization tool output:\n%s", done.stdout[-4000:])
     if done.returncode != 0 or not os.path.exists(out) or not os.path.getsize(out):
         tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
-        raise RuntimeError(f"MNN's quantization tool failed (exit code {done.returncode}): {tail}")
+        how = f"crashed (signal {-done.returncode})" if done.returncode < 0 else f"failed (exit code {done.returncode})"
+        raise QuantizationError(f"MNN's quantization tool {how} on this model with --method {method}; try another --method: {tail}")
     os.replace(out, tmp)
 
 
