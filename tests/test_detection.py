@@ -101,6 +101,19 @@ def test_frozen_stages_and_frozen_bn():
         create_detector("retinanet", "repghostnet_050", 2, trainable_stages=6)
 
 
+def test_frozen_stages_keep_their_bn_statistics_without_frozen_bn():
+    det = create_detector("retinanet", "repghostnet_050", 2, trainable_stages=2, **SMALL).train()
+    stages = det.backbone.body.stages
+    frozen = [m for m in stages[0].modules() if isinstance(m, _BatchNorm)]
+    trained = [m for m in stages[9].modules() if isinstance(m, _BatchNorm)]
+    assert frozen and trained and not any(m.training for m in frozen) and all(m.training for m in trained)
+    before = [m.running_mean.clone() for m in frozen + trained]
+    det([torch.rand(3, 96, 96)], [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([1])}])
+    after = [m.running_mean for m in frozen + trained]
+    assert all(torch.equal(a, b) for a, b in zip(before[: len(frozen)], after[: len(frozen)]))  # frozen: unchanged
+    assert not all(torch.equal(a, b) for a, b in zip(before[len(frozen):], after[len(frozen):]))  # trained: updated
+
+
 def test_backbone_weights_from_a_classification_checkpoint(tmp_path):
     net = randomize_bn(create_model("repghostnet_050", num_classes=7), seed=4)
     save_checkpoint(net, tmp_path / "cls.safetensors")
@@ -174,6 +187,10 @@ def test_awkward_annotations_are_counted_and_handled(tmp_path, synth):
     ("not json at all", "not JSON"),
     ("[1, 2, 3]", "not COCO instances JSON"),
     ('{"images": [], "annotations": []}', "'categories'"),
+    ('{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1}], '
+     '"annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}]}', "annotation 7 has bbox"),
+    ('{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1}], '
+     '"annotations": [{"id": 8, "image_id": 1, "category_id": 1, "bbox": "10 10 5 5"}]}', "four numbers"),
 ])
 def test_an_annotation_file_that_is_not_coco_is_named(tmp_path, content, message):
     (tmp_path / "images").mkdir()

@@ -134,7 +134,8 @@ class DetectionBackbone(nn.Module):
     ``levels``: which of C2..C5 feed the FPN (RetinaNet: C3-C5; Mask R-CNN: C2-C5).
     ``trainable_stages``: how many stride groups, counted from the deepest (stride 32) down to the
     stem (stride 2), are trained: 5 = all, 0 = a frozen extractor (torchvision's
-    ``trainable_layers``).
+    ``trainable_layers``). The BatchNorms of the frozen groups stay in eval mode too, so their
+    running statistics do not drift while the rest trains (torchvision freezes them the same way).
     ``frozen_bn``: the extractor's BatchNorms keep their statistics and affine parameters (always
     in eval mode, no gradient), the usual choice for small per-device batches. They stay
     ``BatchNorm2d`` modules (rather than becoming torchvision's ``FrozenBatchNorm2d``) so that
@@ -163,9 +164,12 @@ class DetectionBackbone(nn.Module):
         self.frozen_bn = frozen_bn
         self.trainable_stages = trainable_stages
         first_trained_stride = 2 ** (6 - trainable_stages)  # 5 -> 2 (all), 1 -> 32, 0 -> none
+        # A plain list (not registered: the modules already are, under `body`).
+        self._frozen_stage_bns: List[nn.Module] = []
         for unit, stride in zip(_units(extractor), unit_strides):
             if stride < first_trained_stride:
                 unit.requires_grad_(False)
+                self._frozen_stage_bns += [m for m in unit.modules() if isinstance(m, _BatchNorm)]
         if frozen_bn:
             for m in extractor.modules():
                 if isinstance(m, _BatchNorm):
@@ -173,10 +177,9 @@ class DetectionBackbone(nn.Module):
         self._set_bn_mode()
 
     def _set_bn_mode(self) -> None:
-        if self.frozen_bn:
-            for m in self.body.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
+        frozen = [m for m in self.body.modules() if isinstance(m, _BatchNorm)] if self.frozen_bn else self._frozen_stage_bns
+        for m in frozen:
+            m.eval()
 
     def train(self, mode: bool = True) -> "DetectionBackbone":
         super().train(mode)

@@ -66,6 +66,14 @@ def read_coco_json(path: PathLike) -> Dict[str, Any]:
             lacking = [k for k in need if k not in entry]
             if lacking:
                 raise AnnotationError(f"{p}: an entry of {key!r} has no {', '.join(lacking)}: {str(entry)[:120]}")
+    for ann in data["annotations"]:
+        box = ann["bbox"]
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in box
+        ):
+            raise AnnotationError(
+                f"{p}: annotation {ann.get('id')} has bbox {str(box)[:60]}; COCO boxes are [x, y, width, height], four numbers"
+            )
     return data
 
 
