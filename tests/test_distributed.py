@@ -215,5 +215,6 @@ def test_torchrun_detection_training_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["val_images"] == 5  # both shards (3 + 2 images) were scored
+    assert records[0]["train_loss"] > 0 and records[0]["train_loss"] < float("inf")  # both ranks' mean
     assert (tmp_path / "run" / "deploy.safetensors").is_file()
     assert result.stdout.count("run directory:") == 1  # rank 0 alone reports

@@ -190,7 +190,18 @@ def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler,
             f"epoch {epoch + 1} made no training step: {skipped} images were unreadable; check the image folder"
         )
     seconds = time.perf_counter() - started
-    record = {f"train_{k}" if k != "loss" else "train_loss": v / done for k, v in totals.items()}
+    steps_all = float(done)
+    if ctx.distributed:
+        # Each rank's BN statistics saw only its own batches: average them (timm's dist-bn "reduce"),
+        # so every rank evaluates and saves the same model; and the logged losses are every rank's
+        # mean, not rank 0's. (Every rank has the same loss names: each made a step, checked above.)
+        from timm.utils import distribute_bn
+
+        distribute_bn(model, ctx.world_size, reduce=True)
+        keys = sorted(totals)
+        summed = all_reduce_sum(torch.tensor([steps_all] + [totals[k] for k in keys], dtype=torch.float64, device=ctx.device))
+        steps_all, totals = float(summed[0]), dict(zip(keys, summed[1:].tolist()))
+    record = {f"train_{k}" if k != "loss" else "train_loss": v / steps_all for k, v in totals.items()}
     record.update(train_images_per_s=images_seen * ctx.world_size / max(seconds, 1e-9), skipped_images=skipped, lr=optimizer.param_groups[0]["lr"])
     return record
 
