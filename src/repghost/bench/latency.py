@@ -603,8 +603,7 @@ def run_benchmark(
         x = np.random.default_rng(seed).standard_normal((1, *input_size), dtype=np.float32)
         runners: Dict[Tuple[str, str], Callable[[], object]] = {}
         errors: Dict[Tuple[str, str], float] = {}
-        pairs = [(spec, runtime) for spec in specs for runtime in runtimes if spec.runs_in(runtime)]
-        total, done = len(pairs), 0
+        total, done = sum(spec.runs_in(runtime) for spec in specs for runtime in runtimes), 0
         for spec in specs:
             model = build_model(spec, seed=seed, input_size=input_size)
             for runtime in runtimes:

@@ -166,25 +166,33 @@ def _quantize_onnx(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: s
     onnx.save(model, tmp)
 
 
-def _quantize_executorch(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: str, metadata: Mapping[str, Any], work: str) -> None:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
-    from executorch.exir import to_edge_transform_and_lower
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
+def _pt2e_quantize(prepared: nn.Module, calib: torch.Tensor, quantizer: Any) -> nn.Module:
+    """PyTorch's PT2E flow: export a contiguous copy, insert ``quantizer``'s observers, run the
+    calibration images through one at a time, convert to the quantized graph module."""
     import copy
 
-    example = (calib[:1].contiguous(),)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
     # XNNPACK's layout pass rejects channels_last weights; a contiguous copy is the same function.
     plain = copy.deepcopy(prepared).to(memory_format=torch.contiguous_format).eval()
-    graph = torch.export.export(plain, example).module()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    graph = torch.export.export(plain, (calib[:1].contiguous(),)).module()
     observed = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for i in range(len(calib)):
             observed(calib[i : i + 1].contiguous())
-    quantized = convert_pt2e(observed)
-    program = to_edge_transform_and_lower(torch.export.export(quantized, example), partitioner=[XnnpackPartitioner()]).to_executorch()
+    return convert_pt2e(observed)
+
+
+def _quantize_executorch(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: str, metadata: Mapping[str, Any], work: str) -> None:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from executorch.exir import to_edge_transform_and_lower
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantized = _pt2e_quantize(prepared, calib, quantizer)
+    program = to_edge_transform_and_lower(
+        torch.export.export(quantized, (calib[:1].contiguous(),)), partitioner=[XnnpackPartitioner()]
+    ).to_executorch()
     Path(tmp).write_bytes(program.buffer)
 
 
@@ -260,6 +268,16 @@ def _check_method(fmt: str, method: Optional[str]) -> str:
     return method
 
 
+def _write_int8(prepared: nn.Module, tmp: str, fmt: str, calibration: torch.Tensor, method: str,
+                metadata: Mapping[str, Any]) -> Optional[int]:
+    """Write ``prepared``'s int8 form for ``fmt`` to ``tmp``; returns the size of the float file the
+    runtime's tool started from (``None`` where there is none: ExecuTorch quantizes the graph)."""
+    with tempfile.TemporaryDirectory(prefix="repghost-quant-") as work:
+        _QUANTIZERS[fmt](prepared, tmp, calibration.detach().float().cpu(), method, metadata, work)
+        floats = [os.path.join(work, f) for f in _FLOAT_FILES if os.path.exists(os.path.join(work, f))]
+        return os.path.getsize(floats[0]) if floats else None
+
+
 def write_quantized(
     model: nn.Module, out_path: PathLike, fmt: str, calibration: torch.Tensor, *, method: Optional[str] = None,
     reparameterize: bool = True,
@@ -270,12 +288,7 @@ def write_quantized(
     method = _check_method(fmt, method)
     require_format(fmt)
     prepared = _inference_copy(model.eval(), reparameterize).eval()
-
-    def write(tmp: str) -> None:
-        with tempfile.TemporaryDirectory(prefix="repghost-quant-") as work:
-            _QUANTIZERS[fmt](prepared, tmp, calibration.detach().float().cpu(), method, {}, work)
-
-    return atomic_write(out_path, write)
+    return atomic_write(out_path, lambda tmp: _write_int8(prepared, tmp, fmt, calibration, method, {}))
 
 
 def quantize_for_inductor(model: nn.Module, calibration: torch.Tensor, *, reparameterize: bool = True) -> nn.Module:
@@ -283,22 +296,12 @@ def quantize_for_inductor(model: nn.Module, calibration: torch.Tensor, *, repara
     activations and per-channel int8 weights, the quantizer's default static config), calibrated on
     ``calibration``. Returns the converted graph module; compile it with freezing on
     (:func:`repghost.deploy.compiled.compile_for_cpu`) so inductor lowers it to oneDNN int8 kernels."""
-    import copy
-
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     prepared = _inference_copy(model.eval(), reparameterize).eval()
-    plain = copy.deepcopy(prepared).to(memory_format=torch.contiguous_format).eval()
-    calib = calibration.detach().float().cpu()
-    graph = torch.export.export(plain, (calib[:1].contiguous(),)).module()
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
-    observed = prepare_pt2e(graph, quantizer)
-    with torch.no_grad():
-        for i in range(len(calib)):
-            observed(calib[i : i + 1].contiguous())
-    return convert_pt2e(observed)
+    return _pt2e_quantize(prepared, calibration.detach().float().cpu(), quantizer)
 
 
 def quantize_model(
@@ -337,10 +340,7 @@ def quantize_model(
     holder: Dict[str, Any] = {}
 
     def write(tmp: str) -> None:
-        with tempfile.TemporaryDirectory(prefix="repghost-quant-") as work:
-            _QUANTIZERS[fmt](prepared, tmp, calibration.detach().float().cpu(), method, dict(metadata or {}), work)
-            floats = [os.path.join(work, f) for f in _FLOAT_FILES if os.path.exists(os.path.join(work, f))]
-            holder["float_size"] = os.path.getsize(floats[0]) if floats else None
+        holder["float_size"] = _write_int8(prepared, tmp, fmt, calibration, method, dict(metadata or {}))
         got = _run_all(load_runner(tmp, fmt), verification)
         stats = compare_logits(reference, got)
         if stats["top1_agreement"] < min_agreement:
