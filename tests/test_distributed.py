@@ -200,11 +200,22 @@ def test_distributed_evaluation_of_an_uneven_set_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_torchrun_detection_training_two_processes(tmp_path):
     """`repghost detect train` under torchrun: 2 gloo ranks train one detector (DDP) and evaluate
-    shards of the validation set that rank 0 scores together."""
+    shards of the validation set that rank 0 scores together. Rank 1's first batch is all corrupt
+    files, so every rank skips it; a corrupt validation image is skipped and counted."""
     pytest.importorskip("pycocotools")
+    from torch.utils.data import DistributedSampler
+
+    from repghost.detection.data import CocoSet
     from repghost.detection.synthetic import make_synthetic_coco
 
-    data = make_synthetic_coco(tmp_path / "data", train_images=16, val_images=5, size=96, seed=5)
+    data = make_synthetic_coco(tmp_path / "data", train_images=16, val_images=6, size=96, seed=5)
+    train_set = CocoSet(data / "train.json", data / "images", masks=False)
+    sampler = DistributedSampler(train_set, num_replicas=2, rank=1, shuffle=True, seed=0, drop_last=True)  # the run's seed 0
+    sampler.set_epoch(0)
+    corrupt = [train_set.describe_sample(i) for i in list(sampler)[:2]]  # rank 1's first batch of 2
+    corrupt.append(CocoSet(data / "val.json", data / "images", masks=False).describe_sample(0))
+    for path in corrupt:
+        Path(path).write_bytes(b"\x89PNG corrupt")
     args = TORCHRUN + [
         "-m", "repghost", "detect", "train", "--backbone", "repghostnet_050", "--img-size", "96", "-b", "2", "-j", "0",
         "--epochs", "1", "--lr", "0.01", "--no-progress", "--output", str(tmp_path / "run"), "--set", "warmup_epochs=0.2",
@@ -214,7 +225,11 @@ def test_torchrun_detection_training_two_processes(tmp_path):
     result = _run(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1 and records[0]["val_images"] == 5  # both shards (3 + 2 images) were scored
+    assert len(records) == 1 and records[0]["val_images"] == 5  # both shards (3 + 2 readable images) were scored
+    assert records[0]["val_skipped_images"] == 1
+    assert records[0]["skipped_images"] == 2  # rank 1's unreadable files, in rank 0's record
+    assert records[0]["train_images"] == 2 * 3 * 2  # the first batch skipped on both ranks, 3 trained on each
+    assert "the batch is skipped on every process" in result.stderr
     assert records[0]["train_loss"] > 0 and records[0]["train_loss"] < float("inf")  # both ranks' mean
     assert (tmp_path / "run" / "deploy.safetensors").is_file()
     assert result.stdout.count("run directory:") == 1  # rank 0 alone reports

@@ -84,25 +84,20 @@ def test_onnx_int8_file_holds_integer_ops_and_agrees(trained, tmp_path, capsys):
     assert result["form"] == "int8" and result["count"] == 500
 
 
-def test_executorch_int8_runs_and_agrees(trained, tmp_path, capsys):
-    pytest.importorskip("executorch")
-    out = tmp_path / "int8.pte"
-    assert main(["quantize", "--checkpoint", str(trained), "--format", "executorch", "--out", str(out), *COMMON]) == 0
-    line = [x for x in capsys.readouterr().out.splitlines() if "agreement" in x][0]
-    assert float(line.split("float ")[1].split("%")[0]) > 50.0
-    assert out.stat().st_size < 1.5e6  # int8 weights: about a quarter of the 4.2 MB float file
-
-
 def _eval(path: Path, capsys) -> dict:
     assert main(["eval", "--checkpoint", str(path), "--data", "synthetic", "--json", "-j", "0"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
-def test_executorch_int8_file_is_scored_by_eval(trained, tmp_path, capsys):
+def test_executorch_int8_runs_agrees_and_is_scored_by_eval(trained, tmp_path, capsys):
     pytest.importorskip("executorch")
     out = tmp_path / "int8.pte"
     assert main(["quantize", "--checkpoint", str(trained), "--format", "executorch", "--out", str(out), *COMMON]) == 0
-    assert "int8.pte.json" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    line = [x for x in text.splitlines() if "agreement" in x][0]
+    assert float(line.split("float ")[1].split("%")[0]) > 50.0
+    assert "int8.pte.json" in text
+    assert out.stat().st_size < 1.5e6  # int8 weights: about a quarter of the 4.2 MB float file
     result = _eval(out, capsys)
     assert result["form"] == "int8" and result["layout"] == "executorch" and result["transform"]["img_size"] == 32
 

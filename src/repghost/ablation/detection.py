@@ -6,7 +6,7 @@ Same recipe, budget and heads for every backbone; only the backbone changes. One
 can be spread over several sittings. Then per backbone: box AP and AP50 (mean, standard deviation
 over seeds), parameters and MACs of the detector's dense part at the training size, and its batch-1
 latency (deployed form, eager and ONNX Runtime, one thread, interleaved); and per comparison
-backbone a Welch t-test of RepGhostNet's AP50 against it.
+backbone a Welch t-test of RepGhostNet's AP50 against it, at each run's best epoch and at its last.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = ["run_detection_study", "detection_table"]
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75")
+LAST = tuple(f"last_{m}" for m in METRICS)
 
 
 def _run(values: Dict[str, Any], run_dir: Path, say: Progress) -> Dict[str, Any]:
@@ -43,6 +44,17 @@ def _run(values: Dict[str, Any], run_dir: Path, say: Progress) -> Dict[str, Any]
         return train_detector(resume_detect_config(str(run_dir), {"epochs": values["epochs"]}), resume=True)
     say(f"{run_dir.name}: training")
     return train_detector(load_detect_config(None, dict(values, output=str(run_dir))))
+
+
+def _last_evaluation(run_dir: Path) -> Dict[str, Any]:
+    """The metrics of the run's last evaluation (its final epoch), from ``metrics.jsonl``. Unlike
+    the best epoch's, these are not selected on the validation set, so they carry no selection bias."""
+    last: Dict[str, Any] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "bbox_AP50" in record:
+            last = record
+    return {f"last_{m}": last.get(m) for m in METRICS}
 
 
 def _deployed_core(backbone: str, values: Mapping[str, Any], num_classes: int):
@@ -83,7 +95,8 @@ def run_detection_study(
             run_dir = out / "runs" / f"{backbone}-seed{k}"
             final = _run(dict(values, backbone=backbone, seed=base_seed + k), run_dir, say)
             runs.append({"backbone": backbone, "seed": base_seed + k, "run": str(run_dir),
-                         **{m: final["best"].get(m) for m in METRICS}, "best_epoch": final["best_epoch"]})
+                         **{m: final["best"].get(m) for m in METRICS}, "best_epoch": final["best_epoch"],
+                         **_last_evaluation(run_dir)})
     num_classes = len(json.loads((out / "runs" / f"{backbones[0]}-seed0" / "final.json").read_text())["categories"]["ids"])
     size = int(values.get("img_size", 512))
     cores, params = {}, {}
@@ -94,17 +107,18 @@ def run_detection_study(
     for backbone in backbones:
         mine = [r for r in runs if r["backbone"] == backbone]
         per_backbone[backbone] = {
-            **{m: mean_std([r[m] for r in mine if r[m] is not None]) for m in METRICS},
+            **{m: mean_std([r[m] for r in mine if r[m] is not None]) for m in METRICS + LAST},
             "parameters": params[backbone],
             "macs": count_macs(cores[backbone], (3, size, size)),
             "latency": latency.get(backbone),
         }
     ours = backbones[0]
     comparisons = []
-    for other in backbones[1:]:
-        a = [r["bbox_AP50"] for r in runs if r["backbone"] == ours]
-        b = [r["bbox_AP50"] for r in runs if r["backbone"] == other]
-        comparisons.append({"better": ours, "worse": other, "metric": "bbox_AP50", **_verdict(a, b)})
+    for metric in ("bbox_AP50", "last_bbox_AP50"):
+        for other in backbones[1:]:
+            a = [r[metric] for r in runs if r["backbone"] == ours and r[metric] is not None]
+            b = [r[metric] for r in runs if r["backbone"] == other and r[metric] is not None]
+            comparisons.append({"better": ours, "worse": other, "metric": metric, **_verdict(a, b)})
     report = {
         "config": str(config), "overrides": dict(overrides or {}), "input_size": [3, size, size],
         "seeds": seeds, "runs": runs, "backbones": per_backbone, "comparisons": comparisons,
@@ -133,21 +147,25 @@ def detection_table(report: Mapping[str, Any]) -> str:
     """The study as Markdown: one row per backbone, then the tests."""
     size = report["input_size"]
     lines = [
-        f"| backbone | box AP | box AP50 | box AP75 | params (M) | MACs (G) at {size[1]}x{size[2]} | eager ms | ONNX Runtime ms |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| backbone | box AP | box AP50 | box AP75 | last-epoch AP | last-epoch AP50 | params (M) | MACs (G) at {size[1]}x{size[2]} | eager ms | ONNX Runtime ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, b in report["backbones"].items():
         lat = b.get("latency") or {}
-        cells = [name, _fmt(b["bbox_AP"]), _fmt(b["bbox_AP50"]), _fmt(b["bbox_AP75"]), f"{b['parameters'] / 1e6:.2f}", f"{b['macs'] / 1e9:.2f}"]
+        cells = [name, _fmt(b["bbox_AP"]), _fmt(b["bbox_AP50"]), _fmt(b["bbox_AP75"]), _fmt(b.get("last_bbox_AP", {})),
+                 _fmt(b.get("last_bbox_AP50", {})), f"{b['parameters'] / 1e6:.2f}", f"{b['macs'] / 1e9:.2f}"]
         for rt in ("eager", "onnxruntime"):
             cells.append(f"{lat[rt]['median_ms']:.1f} ({lat[rt]['paired_ratio']:.2f}x)" if rt in lat else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Mean ± standard deviation over {report['seeds']} seeds; latency: median, ratio to the first backbone (paired).", ""]
+    lines += ["", f"Mean ± standard deviation over {report['seeds']} seeds. Box AP/AP50/AP75: each run's best evaluation "
+              "(the epoch is chosen on the validation tiles, so optimistic); last-epoch: the final evaluation, chosen by "
+              "nothing. Latency: median, ratio to the first backbone (paired).", ""]
     for c in report["comparisons"]:
         diff = c.get("difference")
         p = c.get("p")
+        what = "box AP50 (best epoch)" if c.get("metric", "bbox_AP50") == "bbox_AP50" else "box AP50 (last epoch)"
         lines.append(
-            f"- {c['better']} vs {c['worse']}, box AP50: difference {diff:+.3f}" if diff is not None else f"- {c['better']} vs {c['worse']}: no test"
+            f"- {c['better']} vs {c['worse']}, {what}: difference {diff:+.3f}" if diff is not None else f"- {c['better']} vs {c['worse']}, {what}: no test"
         )
         if diff is not None:
             lines[-1] += f", Welch t {c['t']:.2f}, p {p:.3f}: {c['verdict']}" if p is not None and c.get("t") is not None else f": {c['verdict']}"

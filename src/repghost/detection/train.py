@@ -155,6 +155,11 @@ def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler,
         skipped += bad
         # Every rank must take the same branch: a rank that skipped alone would miss the collectives.
         if not all_ranks_agree(bool(images), ctx.device):
+            if not images:
+                log.warning(
+                    "epoch %d, batch %d: every image of the batch (%d) was unreadable; the batch is skipped%s",
+                    epoch + 1, batch_no, bad, " on every process" if ctx.distributed else "",
+                )
             continue
         images = [img.to(ctx.device, non_blocking=True) for img in images]
         targets = [{k: (v.to(ctx.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
@@ -198,11 +203,17 @@ def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler,
         from timm.utils import distribute_bn
 
         distribute_bn(model, ctx.world_size, reduce=True)
+        # The image counts are every rank's too: a file unreadable on rank 1 is counted by rank 0's record.
         keys = sorted(totals)
-        summed = all_reduce_sum(torch.tensor([steps_all] + [totals[k] for k in keys], dtype=torch.float64, device=ctx.device))
-        steps_all, totals = float(summed[0]), dict(zip(keys, summed[1:].tolist()))
+        counts = [steps_all, float(images_seen), float(skipped)]
+        summed = all_reduce_sum(torch.tensor(counts + [totals[k] for k in keys], dtype=torch.float64, device=ctx.device))
+        steps_all, images_seen, skipped = float(summed[0]), int(summed[1]), int(summed[2])
+        totals = dict(zip(keys, summed[3:].tolist()))
+    if skipped:
+        log.warning("epoch %d: skipped %d unreadable images", epoch + 1, skipped)
     record = {f"train_{k}" if k != "loss" else "train_loss": v / steps_all for k, v in totals.items()}
-    record.update(train_images_per_s=images_seen * ctx.world_size / max(seconds, 1e-9), skipped_images=skipped, lr=optimizer.param_groups[0]["lr"])
+    record.update(train_images_per_s=images_seen / max(seconds, 1e-9), train_images=images_seen, skipped_images=skipped,
+                  lr=optimizer.param_groups[0]["lr"])
     return record
 
 
