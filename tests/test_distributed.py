@@ -229,7 +229,11 @@ def test_torchrun_detection_training_two_processes(tmp_path):
     assert records[0]["val_skipped_images"] == 1
     assert records[0]["skipped_images"] == 2  # rank 1's unreadable files, in rank 0's record
     assert records[0]["train_images"] == 2 * 3 * 2  # the first batch skipped on both ranks, 3 trained on each
+    assert records[0]["dropped_images"] == 2  # rank 0's readable pair, skipped with rank 1's batch
     assert "the batch is skipped on every process" in result.stderr
+    log_text = (tmp_path / "run" / "train.log").read_text()  # rank 0's log says so though its own batch was fine
+    assert "another process's batch was all unreadable; the batch is skipped on every process" in log_text
+    assert "skipped 2 unreadable images and 2 readable ones" in log_text
     assert records[0]["train_loss"] > 0 and records[0]["train_loss"] < float("inf")  # both ranks' mean
     assert (tmp_path / "run" / "deploy.safetensors").is_file()
     assert result.stdout.count("run directory:") == 1  # rank 0 alone reports

@@ -145,20 +145,41 @@ def fold_and_check(model: nn.Module, images: list, *, rtol: float = 1e-3) -> Tup
     return folded, worst
 
 
+def average_bn_statistics(model: nn.Module, world_size: int) -> None:
+    """Average the running statistics of the BatchNorms that trained this epoch across ranks.
+
+    Written here rather than timm's ``distribute_bn``: that one averages every ``running_mean`` /
+    ``running_var`` buffer, frozen ones included (eval-mode BatchNorms of frozen stages,
+    ``FrozenBatchNorm2d``), and a float32 sum divided by the world size does not always give the
+    same value back, so frozen statistics would drift by rounding every epoch.
+    """
+    import torch.distributed as dist
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf /= float(world_size)
+
+
 def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler, epoch, runlog, steps, last_path) -> Dict[str, Any]:
     forward.train()
     totals: Dict[str, float] = {}
-    images_seen = skipped = done = 0
+    images_seen = skipped = dropped = done = 0
     started = time.perf_counter()
     amp = cfg.amp and ctx.device.type == "cuda"
     for batch_no, (images, targets, bad) in enumerate(loader, start=1):
         skipped += bad
         # Every rank must take the same branch: a rank that skipped alone would miss the collectives.
         if not all_ranks_agree(bool(images), ctx.device):
-            if not images:
+            dropped += len(images)  # readable images of a batch another rank could not fill
+            if not images or ctx.is_main:  # rank 0 writes train.log: it says so even when its own batch was fine
                 log.warning(
-                    "epoch %d, batch %d: every image of the batch (%d) was unreadable; the batch is skipped%s",
-                    epoch + 1, batch_no, bad, " on every process" if ctx.distributed else "",
+                    "epoch %d, batch %d: %s; the batch is skipped%s",
+                    epoch + 1, batch_no,
+                    f"every image of the batch ({bad}) was unreadable" if not images else "another process's batch was all unreadable",
+                    " on every process" if ctx.distributed else "",
                 )
             continue
         images = [img.to(ctx.device, non_blocking=True) for img in images]
@@ -190,30 +211,30 @@ def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler,
                     lr=optimizer.param_groups[0]["lr"], log_line=batch_no % cfg.log_interval == 0)
         if cfg.max_steps_per_epoch is not None and done >= cfg.max_steps_per_epoch:
             break
-    if not all_ranks_agree(done > 0, ctx.device):
-        raise NoTrainingStepError(
-            f"epoch {epoch + 1} made no training step: {skipped} images were unreadable; check the image folder"
-        )
     seconds = time.perf_counter() - started
-    steps_all = float(done)
+    # The counts are every rank's: a file unreadable on rank 1 is counted in rank 0's record and error.
+    # Every rank made the same number of steps (each batch is trained or skipped by all), so the
+    # loss names agree and the check below takes the same branch everywhere.
+    counts = all_reduce_sum(torch.tensor([done, images_seen, skipped, dropped], dtype=torch.float64, device=ctx.device))
+    steps_all, images_seen, skipped, dropped = float(counts[0]), int(counts[1]), int(counts[2]), int(counts[3])
+    if steps_all == 0:
+        raise NoTrainingStepError(
+            f"epoch {epoch + 1} made no training step: {skipped} images were unreadable"
+            f"{f' ({dropped} readable ones dropped with them)' if dropped else ''}; check the image folder (the log names each file)"
+        )
     if ctx.distributed:
-        # Each rank's BN statistics saw only its own batches: average them (timm's dist-bn "reduce"),
-        # so every rank evaluates and saves the same model; and the logged losses are every rank's
-        # mean, not rank 0's. (Every rank has the same loss names: each made a step, checked above.)
-        from timm.utils import distribute_bn
-
-        distribute_bn(model, ctx.world_size, reduce=True)
-        # The image counts are every rank's too: a file unreadable on rank 1 is counted by rank 0's record.
+        # Each rank's BN statistics saw only its own batches: average them, so every rank evaluates
+        # and saves the same model; and the logged losses are every rank's mean, not rank 0's.
+        average_bn_statistics(model, ctx.world_size)
         keys = sorted(totals)
-        counts = [steps_all, float(images_seen), float(skipped)]
-        summed = all_reduce_sum(torch.tensor(counts + [totals[k] for k in keys], dtype=torch.float64, device=ctx.device))
-        steps_all, images_seen, skipped = float(summed[0]), int(summed[1]), int(summed[2])
-        totals = dict(zip(keys, summed[3:].tolist()))
-    if skipped:
-        log.warning("epoch %d: skipped %d unreadable images", epoch + 1, skipped)
+        summed = all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=ctx.device))
+        totals = dict(zip(keys, summed.tolist()))
+    if skipped and ctx.is_main:
+        log.warning("epoch %d: skipped %d unreadable images%s", epoch + 1, skipped,
+                    f" and {dropped} readable ones in the same batches" if dropped else "")
     record = {f"train_{k}" if k != "loss" else "train_loss": v / steps_all for k, v in totals.items()}
     record.update(train_images_per_s=images_seen / max(seconds, 1e-9), train_images=images_seen, skipped_images=skipped,
-                  lr=optimizer.param_groups[0]["lr"])
+                  dropped_images=dropped, lr=optimizer.param_groups[0]["lr"])
     return record
 
 

@@ -156,7 +156,7 @@ def train_epoch(
             f"epoch {epoch + 1} made no optimizer step: {why}. Nothing was saved for it. Check the training "
             f"images{f' under {cfg.data_root}' if cfg.data_root else ''} (the log names each unreadable file)"
         )
-    if unreadable_total:
+    if unreadable_total and ctx.is_main:  # the total is every rank's: said once
         log.warning("epoch %d: skipped %d unreadable images", epoch + 1, unreadable_total)
     return {
         "epoch": epoch,
