@@ -152,8 +152,8 @@ def detection_table(report: Mapping[str, Any]) -> str:
     ]
     for name, b in report["backbones"].items():
         lat = b.get("latency") or {}
-        cells = [name, _fmt(b["bbox_AP"]), _fmt(b["bbox_AP50"]), _fmt(b["bbox_AP75"]), _fmt(b.get("last_bbox_AP", {})),
-                 _fmt(b.get("last_bbox_AP50", {})), f"{b['parameters'] / 1e6:.2f}", f"{b['macs'] / 1e9:.2f}"]
+        cells = [name, _fmt(b["bbox_AP"]), _fmt(b["bbox_AP50"]), _fmt(b["bbox_AP75"]), _fmt(b["last_bbox_AP"]),
+                 _fmt(b["last_bbox_AP50"]), f"{b['parameters'] / 1e6:.2f}", f"{b['macs'] / 1e9:.2f}"]
         for rt in ("eager", "onnxruntime"):
             cells.append(f"{lat[rt]['median_ms']:.1f} ({lat[rt]['paired_ratio']:.2f}x)" if rt in lat else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -163,7 +163,7 @@ def detection_table(report: Mapping[str, Any]) -> str:
     for c in report["comparisons"]:
         diff = c.get("difference")
         p = c.get("p")
-        what = "box AP50 (best epoch)" if c.get("metric", "bbox_AP50") == "bbox_AP50" else "box AP50 (last epoch)"
+        what = "box AP50 (best epoch)" if c["metric"] == "bbox_AP50" else "box AP50 (last epoch)"
         lines.append(
             f"- {c['better']} vs {c['worse']}, {what}: difference {diff:+.3f}" if diff is not None else f"- {c['better']} vs {c['worse']}, {what}: no test"
         )

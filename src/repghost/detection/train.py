@@ -26,7 +26,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..files import atomic_write
 from ..training.checkpointing import CONFIG, FINAL, LAST, METRICS, RunDirError, check_same_run, prepare_run_dir, tidy_run_dir
-from ..training.distributed import DistContext, all_ranks_agree, all_reduce_sum, barrier, init_distributed, shutdown
+from ..training.distributed import (
+    DistContext, all_ranks_agree, all_reduce_sum, average_bn_statistics, barrier, init_distributed, shutdown,
+)
 from ..training.epoch import NonFiniteLossError, NoTrainingStepError
 from ..training.logs import RunLog
 from ..training.setup import configure_backends, seed_all
@@ -145,24 +147,6 @@ def fold_and_check(model: nn.Module, images: list, *, rtol: float = 1e-3) -> Tup
     return folded, worst
 
 
-def average_bn_statistics(model: nn.Module, world_size: int) -> None:
-    """Average the running statistics of the BatchNorms that trained this epoch across ranks.
-
-    Written here rather than timm's ``distribute_bn``: that one averages every ``running_mean`` /
-    ``running_var`` buffer, frozen ones included (eval-mode BatchNorms of frozen stages,
-    ``FrozenBatchNorm2d``), and a float32 sum divided by the world size does not always give the
-    same value back, so frozen statistics would drift by rounding every epoch.
-    """
-    import torch.distributed as dist
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    for m in model.modules():
-        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
-            for buf in (m.running_mean, m.running_var):
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                buf /= float(world_size)
-
-
 def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler, epoch, runlog, steps, last_path) -> Dict[str, Any]:
     forward.train()
     totals: Dict[str, float] = {}
@@ -225,7 +209,7 @@ def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler,
     if ctx.distributed:
         # Each rank's BN statistics saw only its own batches: average them, so every rank evaluates
         # and saves the same model; and the logged losses are every rank's mean, not rank 0's.
-        average_bn_statistics(model, ctx.world_size)
+        average_bn_statistics(model)
         keys = sorted(totals)
         summed = all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=ctx.device))
         totals = dict(zip(keys, summed.tolist()))

@@ -15,6 +15,7 @@ __all__ = [
     "init_distributed",
     "all_reduce_sum",
     "all_ranks_agree",
+    "average_bn_statistics",
     "all_gather_objects",
     "barrier",
     "shutdown",
@@ -72,6 +73,25 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     votes = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(votes, op=dist.ReduceOp.SUM)
     return int(votes.item()) == dist.get_world_size()
+
+
+def average_bn_statistics(model: torch.nn.Module) -> None:
+    """Average, over ranks, the running statistics of the BatchNorms in ``model`` that are training.
+
+    Written here rather than timm's ``distribute_bn``: that one averages every ``running_mean`` /
+    ``running_var`` buffer, frozen ones included (eval-mode BatchNorms of a detector's frozen
+    stages, torchvision's ``FrozenBatchNorm2d``), and a float32 sum divided by the world size does
+    not always give the same value back, so frozen statistics would drift by rounding every epoch.
+    A no-op outside a process group.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                all_reduce_sum(buf).div_(dist.get_world_size())
 
 
 def all_gather_objects(obj: Any) -> List[Any]:
