@@ -289,6 +289,21 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
         train_detector(_tiny_config(synth, tmp_path / "nan", epochs=1, lr=1e30, clip_grad=None, warmup_epochs=0.0, max_steps_per_epoch=3))
 
 
+def test_an_epoch_of_unreadable_training_images_is_a_clear_error(tmp_path, synth):
+    import shutil
+
+    from repghost.training.epoch import NoTrainingStepError
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    train = CocoSet(data / "train.json", data / "images", masks=False)
+    for i in range(len(train)):
+        Path(train.describe_sample(i)).write_bytes(b"\x89PNG corrupt")
+    with pytest.raises(NoTrainingStepError, match="made no training step: 16 images were unreadable; check the image folder"):
+        train_detector(_tiny_config(data, tmp_path / "run", epochs=1))
+    assert not (tmp_path / "run" / "last.pth").exists()  # nothing saved for an epoch that did not train
+
+
 def test_reading_a_file_that_is_no_detector_says_so(tmp_path):
     save_checkpoint(create_model("repghostnet_050"), tmp_path / "cls.safetensors")
     with pytest.raises(Exception, match="not a repghost detector file"):
