@@ -6,8 +6,15 @@ weights, activations calibrated on real images of the user's data.
 
 * ``onnx``: ONNX Runtime's ``quantize_static`` (QDQ format, int8 weights per channel, uint8
   activations: the pairing ONNX Runtime's x86 integer kernels take), calibration ``minmax``,
-  ``entropy`` or ``percentile``. The eval transform and class count are stored in the file's
-  metadata, so ``repghost eval`` can score it.
+  ``entropy`` or ``percentile``. Weights use 7 of their 8 bits (``reduce_range``, values in
+  [-64, 63]): on x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) ONNX Runtime's uint8 x int8
+  kernels add pairs of products in 16-bit registers that saturate (VPMADDUBSW), and a model
+  quantized with 8-bit weights then silently loses most of its accuracy there (measured: top-1
+  agreement with float 23% instead of 64%). With 7-bit weights a pair is at most 2 x 255 x 64 =
+  32,640, below the int16 limit, so the file computes the same on every x86 CPU; the cost is one
+  bit of weight precision (docs/quantization.md has the measured cost; uint8 weights, the other
+  fix ONNX Runtime documents, ran 1.3x slower). The eval transform and class count are stored in
+  the file's metadata, so ``repghost eval`` can score it.
 * ``executorch``: PyTorch's PT2E flow with the XNNPACK quantizer (per-channel symmetric), lowered
   to XNNPACK; calibration ``minmax`` (the quantizer's observers).
 * ``mnn``: MNN's own offline quantization tool (``quantized.out``, compiled into the MNN wheel as
@@ -56,6 +63,8 @@ __all__ = [
     "quantize_model",
     "compare_logits",
     "onnx_metadata",
+    "onnx_weight_range",
+    "cpu_int8_features",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +94,8 @@ class QuantReport:
     float_size_bytes: Optional[int] = None
     seconds: float = 0.0
     integer_ops: Dict[str, int] = field(default_factory=dict)
+    weight_range: Optional[int] = None  # ONNX: the largest |int8 weight| in the file (63-64 with 7-bit weights)
+    cpu: Dict[str, Any] = field(default_factory=dict)  # where it was verified: model name and the int8 flags
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -133,6 +144,46 @@ def onnx_metadata(path: PathLike) -> Dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def cpu_int8_features() -> Dict[str, Any]:
+    """This CPU's model name and the x86 flags that decide how int8 kernels compute (Linux's
+    /proc/cpuinfo; empty elsewhere): ``avx2``, ``avx512f``, and ``vnni`` (AVX-512 VNNI or AVX-VNNI,
+    whose int8 dot products accumulate in 32 bits and cannot saturate)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return {"model": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "vnni": bool(flags & {"avx512_vnni", "avx_vnni"})}
+
+
+def onnx_weight_range(path: PathLike) -> int:
+    """The largest absolute value of the int8 weights stored in an ONNX file (0 when it holds none).
+    Above 64, ONNX Runtime's uint8 x int8 kernels can saturate on x86 CPUs without VNNI."""
+    import onnx
+    from onnx import numpy_helper
+
+    largest = 0
+    for tensor in onnx.load(str(path)).graph.initializer:
+        if tensor.data_type == onnx.TensorProto.INT8:
+            values = numpy_helper.to_array(tensor).astype(np.int16)
+            largest = max(largest, int(np.abs(values).max(initial=0)))
+    return largest
+
+
+def _warn_if_saturates(path: PathLike) -> None:
+    """Warn when an int8 ONNX file with full 8-bit weights (written by another tool, or by this
+    project before it used 7-bit weights) is run on an x86 CPU whose int8 kernels can saturate."""
+    cpu = cpu_int8_features()
+    if cpu and not cpu["vnni"] and onnx_weight_range(path) > 64:
+        log.warning(
+            "%s holds 8-bit int8 weights and this CPU has no VNNI: ONNX Runtime's integer kernels can saturate here "
+            "and lose accuracy silently; quantize it again with `repghost quantize` (7-bit weights)", path,
+        )
+
+
 def _integer_ops(path: str) -> Dict[str, int]:
     import onnx
 
@@ -157,6 +208,7 @@ def _quantize_onnx(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: s
     quantize_static(
         pre_path, tmp, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+        reduce_range=True,  # 7-bit weights: no int16 saturation on x86 CPUs without VNNI (module docstring)
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
     )
     model = onnx.load(tmp)
@@ -361,7 +413,8 @@ def quantize_model(
     report = QuantReport(
         format=fmt, path=str(path), method=method, calibration_images=len(calibration), verify_images=len(verification),
         size_bytes=path.stat().st_size, float_size_bytes=holder.get("float_size"), seconds=time.perf_counter() - started,
-        integer_ops=_integer_ops(str(path)) if fmt == "onnx" else {}, **holder["stats"],
+        integer_ops=_integer_ops(str(path)) if fmt == "onnx" else {},
+        weight_range=onnx_weight_range(path) if fmt == "onnx" else None, cpu=cpu_int8_features(), **holder["stats"],
     )
     log.debug("quantized %s -> %s: %s", fmt, path, report)
     return report
@@ -407,6 +460,8 @@ class RunnerModel(nn.Module):
             )
         # Only quantize writes MNN/ExecuTorch sidecars, so those files are int8; ONNX ones say so by their ops.
         form = "int8" if fmt != "onnx" or _integer_ops(str(path)) else "onnx"
+        if fmt == "onnx" and form == "int8":
+            _warn_if_saturates(path)
         return cls(load_runner(path, fmt), num_classes=int(json.loads(meta["num_classes"])),
                    eval_transform=json.loads(meta.get("eval_transform", "{}")), form=form, fmt=fmt)
 
