@@ -164,7 +164,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"quantized {report.path} ({report.format}, int8, {form}, {size})")
     if args.fmt != "onnx":
         print(f"recorded  the eval transform and class count in {sidecar_path(report.path)} (for `repghost eval`)")
-    if report.weight_range is not None:
+    if report.onnx_weights == "int8-7bit":
         print(f"weights   int8 per channel, 7-bit (largest |w| {report.weight_range}): ONNX Runtime's integer kernels "
               "cannot saturate on x86 CPUs without VNNI")
     print(f"calibrated on {report.calibration_images} {args.calib_data} training images ({report.method})")

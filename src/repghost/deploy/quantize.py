@@ -65,6 +65,7 @@ __all__ = [
     "onnx_metadata",
     "onnx_weight_range",
     "cpu_int8_features",
+    "ONNX_WEIGHT_SCHEMES",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class QuantReport:
     float_size_bytes: Optional[int] = None
     seconds: float = 0.0
     integer_ops: Dict[str, int] = field(default_factory=dict)
+    onnx_weights: Optional[str] = None  # ONNX: the weight scheme (ONNX_WEIGHT_SCHEMES)
     weight_range: Optional[int] = None  # ONNX: the largest |int8 weight| in the file (63-64 with 7-bit weights)
     cpu: Dict[str, Any] = field(default_factory=dict)  # where it was verified: model name and the int8 flags
 
@@ -194,7 +196,14 @@ def _integer_ops(path: str) -> Dict[str, int]:
     return counts
 
 
-def _quantize_onnx(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: str, metadata: Mapping[str, Any], work: str) -> None:
+# ONNX weight schemes: (ONNX Runtime weight type, reduce_range). "int8-7bit" is the default (module
+# docstring); "int8" (full 8 bits, exact only on VNNI CPUs) and "uint8" are there to measure the choice
+# (benchmarks/ort_int8_weights.py) and for users who deploy only on VNNI or ARM CPUs.
+ONNX_WEIGHT_SCHEMES = ("int8-7bit", "int8", "uint8")
+
+
+def _quantize_onnx(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: str, metadata: Mapping[str, Any], work: str,
+                   weights: str = "int8-7bit") -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -207,8 +216,9 @@ def _quantize_onnx(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: s
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     quantize_static(
         pre_path, tmp, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
-        reduce_range=True,  # 7-bit weights: no int16 saturation on x86 CPUs without VNNI (module docstring)
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if weights == "uint8" else QuantType.QInt8,
+        calibrate_method=methods[method],
+        reduce_range=weights == "int8-7bit",  # 7-bit weights: no int16 saturation without VNNI (module docstring)
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
     )
     model = onnx.load(tmp)
@@ -320,27 +330,34 @@ def _check_method(fmt: str, method: Optional[str]) -> str:
     return method
 
 
+def _check_weights(onnx_weights: str) -> None:
+    if onnx_weights not in ONNX_WEIGHT_SCHEMES:
+        raise ValueError(f"unknown ONNX weight scheme {onnx_weights!r}; choose one of {', '.join(ONNX_WEIGHT_SCHEMES)}")
+
+
 def _write_int8(prepared: nn.Module, tmp: str, fmt: str, calibration: torch.Tensor, method: str,
-                metadata: Mapping[str, Any]) -> Optional[int]:
+                metadata: Mapping[str, Any], onnx_weights: str = "int8-7bit") -> Optional[int]:
     """Write ``prepared``'s int8 form for ``fmt`` to ``tmp``; returns the size of the float file the
     runtime's tool started from (``None`` where there is none: ExecuTorch quantizes the graph)."""
     with tempfile.TemporaryDirectory(prefix="repghost-quant-") as work:
-        _QUANTIZERS[fmt](prepared, tmp, calibration.detach().float().cpu(), method, metadata, work)
+        extra = {"weights": onnx_weights} if fmt == "onnx" else {}
+        _QUANTIZERS[fmt](prepared, tmp, calibration.detach().float().cpu(), method, metadata, work, **extra)
         floats = [os.path.join(work, f) for f in _FLOAT_FILES if os.path.exists(os.path.join(work, f))]
         return os.path.getsize(floats[0]) if floats else None
 
 
 def write_quantized(
     model: nn.Module, out_path: PathLike, fmt: str, calibration: torch.Tensor, *, method: Optional[str] = None,
-    reparameterize: bool = True,
+    reparameterize: bool = True, onnx_weights: str = "int8-7bit",
 ) -> Path:
     """Fold ``model`` (unless ``reparameterize=False``) and write its int8 form for ``fmt``, calibrated
     on ``calibration``, without checking it against the float model (:func:`quantize_model` does;
     the benchmark, which times random-weight models, uses this). Atomic: nothing is left on failure."""
     method = _check_method(fmt, method)
+    _check_weights(onnx_weights)
     require_format(fmt)
     prepared = _inference_copy(model.eval(), reparameterize).eval()
-    return atomic_write(out_path, lambda tmp: _write_int8(prepared, tmp, fmt, calibration, method, {}))
+    return atomic_write(out_path, lambda tmp: _write_int8(prepared, tmp, fmt, calibration, method, {}, onnx_weights))
 
 
 def quantize_for_inductor(model: nn.Module, calibration: torch.Tensor, *, reparameterize: bool = True) -> nn.Module:
@@ -367,6 +384,7 @@ def quantize_model(
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     reparameterize: bool = True,
     metadata: Optional[Mapping[str, Any]] = None,
+    onnx_weights: str = "int8-7bit",
 ) -> QuantReport:
     """Fold ``model``, quantize it to int8 for ``fmt`` calibrated on ``calibration``, check it on ``verification``.
 
@@ -381,6 +399,7 @@ def quantize_model(
     for name, batch in (("calibration", calibration), ("verification", verification)):
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or len(batch) < 1:
             raise ValueError(f"{name} images must be an (N, 3, H, W) batch with N >= 1, got {getattr(batch, 'shape', batch)}")
+    _check_weights(onnx_weights)
     if not 0.0 <= min_agreement <= 1.0:
         raise ValueError(f"min_agreement is a share (0..1), got {min_agreement}")
     require_format(fmt)
@@ -392,7 +411,7 @@ def quantize_model(
     holder: Dict[str, Any] = {}
 
     def write(tmp: str) -> None:
-        holder["float_size"] = _write_int8(prepared, tmp, fmt, calibration, method, dict(metadata or {}))
+        holder["float_size"] = _write_int8(prepared, tmp, fmt, calibration, method, dict(metadata or {}), onnx_weights)
         got = _run_all(load_runner(tmp, fmt), verification)
         stats = compare_logits(reference, got)
         if stats["top1_agreement"] < min_agreement:
@@ -414,6 +433,7 @@ def quantize_model(
         format=fmt, path=str(path), method=method, calibration_images=len(calibration), verify_images=len(verification),
         size_bytes=path.stat().st_size, float_size_bytes=holder.get("float_size"), seconds=time.perf_counter() - started,
         integer_ops=_integer_ops(str(path)) if fmt == "onnx" else {},
+        onnx_weights=onnx_weights if fmt == "onnx" else None,
         weight_range=onnx_weight_range(path) if fmt == "onnx" else None, cpu=cpu_int8_features(), **holder["stats"],
     )
     log.debug("quantized %s -> %s: %s", fmt, path, report)
