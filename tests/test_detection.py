@@ -238,6 +238,26 @@ def _tiny_config(synth: Path, out: Path, **kw):
     return load_detect_config(None, values)
 
 
+def test_seeds_draw_independent_epochs(tmp_path, synth):
+    """Seed k+1 at epoch e must not replay seed k at epoch e+1 (sample order, augmentation seeds)."""
+    from repghost.detection.train import epoch_loader
+    from repghost.training.distributed import DistContext
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train = CocoSet(synth / "train.json", synth / "images")
+
+    def draws(seed, epoch):
+        loader = epoch_loader(_tiny_config(synth, tmp_path, seed=seed), ctx, train, epoch)
+        main_rng = torch.rand(4).tolist()  # what the main process's augmentation and size jitter draw from
+        return list(loader.sampler), loader.generator.initial_seed(), main_rng
+
+    for epoch in range(4):
+        a, b = draws(0, epoch + 1), draws(1, epoch)
+        assert a[0] != b[0], f"seed 1, epoch {epoch} replays seed 0's sample order of epoch {epoch + 1}"
+        assert a[1] != b[1] and a[2] != b[2], f"seed 1, epoch {epoch} replays seed 0's augmentation of epoch {epoch + 1}"
+    assert draws(0, 2) == draws(0, 2)  # and an epoch's draws depend on (seed, epoch) alone
+
+
 class _KillInSecondEpoch:
     """Progress callbacks that stop the run in the middle of its second epoch, as a kill would."""
 

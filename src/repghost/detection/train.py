@@ -7,8 +7,9 @@ box AP, mask AP for Mask R-CNN), and at the end ``deploy.safetensors`` (the back
 outputs checked against the train form) and ``final.json``.
 
 Resume (``resume=True``) continues from ``last.pth`` at the epoch it reached. Each epoch draws its
-randomness from ``(seed, epoch)`` alone (sampler order, augmentation, dropout), so a resumed run
-makes the same updates as one that was never stopped.
+randomness from ``(seed, epoch, rank)`` mixed by :func:`repghost.training.setup.epoch_seed` alone
+(sampler order, augmentation, dropout), so a resumed run makes the same updates as one that was
+never stopped, and seed k+1 never replays seed k one epoch later.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..training.distributed import (
 )
 from ..training.epoch import NonFiniteLossError, NoTrainingStepError
 from ..training.logs import RunLog
-from ..training.setup import configure_backends, seed_all
+from ..training.setup import configure_backends, epoch_seed, seed_all
 from ..training.config import save_config
 from .config import RUN_IDENTITY, DetectTrainConfig
 from .data import CocoSet, collate_detection, robust, train_transforms
@@ -39,7 +40,7 @@ from .evaluate import evaluate_detector
 from .files import categories_to_dict, save_detector
 from .models import create_detector, fold_detector
 
-__all__ = ["train_detector", "resume_detect_config", "BEST_DETECTOR", "DEPLOY_DETECTOR", "detection_files", "fold_and_check"]
+__all__ = ["train_detector", "epoch_loader", "resume_detect_config", "BEST_DETECTOR", "DEPLOY_DETECTOR", "detection_files", "fold_and_check"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,28 @@ def _datasets(cfg: DetectTrainConfig) -> Tuple[CocoSet, CocoSet]:
             f"{list(train_set.categories.ids)}; both files must list the same categories"
         )
     return train_set, val_set
+
+
+def epoch_loader(cfg: DetectTrainConfig, ctx: DistContext, train_set: CocoSet, epoch: int) -> DataLoader:
+    """This epoch's training loader, with this epoch's randomness set up.
+
+    The global RNGs (augmentation in the main process, the detector's size jitter, dropout) and the
+    loader's generator (the workers' seeds) start from ``epoch_seed(seed, epoch, rank)``; the sampler's
+    permutation from ``epoch_seed(seed, epoch, 0)`` (the same on every rank, so the ranks' shards
+    partition it). torch's ``DistributedSampler`` draws its permutation from ``seed + epoch``, so it
+    is given the mixed seed and epoch 0.
+    """
+    seed_all(epoch_seed(cfg, epoch, ctx.rank))  # type: ignore[arg-type]  (uses cfg.seed only)
+    sampler = DistributedSampler(
+        train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+        seed=epoch_seed(cfg, epoch, 0), drop_last=True,  # type: ignore[arg-type]
+    )
+    sampler.set_epoch(0)
+    return DataLoader(
+        robust(train_set), batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+        collate_fn=collate_detection, drop_last=True, persistent_workers=False,
+        generator=torch.Generator().manual_seed(epoch_seed(cfg, epoch, ctx.rank)),  # type: ignore[arg-type]
+    )
 
 
 def _optimization(cfg: DetectTrainConfig, model: nn.Module, steps_per_epoch: int):
@@ -248,7 +271,7 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: An
         cfg.detector, cfg.backbone, len(train_set.categories), preset=cfg.preset,
         backbone_weights=cfg.backbone_weights if not resume else None, **{k: v for k, v in cfg.detector_options().items()},
     ).to(ctx.device)
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, drop_last=True)  # for its length
     steps = len(sampler) // cfg.batch_size
     if steps == 0:
         raise NoTrainingStepError(
@@ -287,13 +310,7 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: An
     with RunLog(run_dir, ctx, epochs=cfg.epochs, tensorboard=False, callbacks=callbacks) as runlog:
         for epoch in range(start, cfg.epochs):
             started = time.perf_counter()
-            seed_all(cfg.seed * 100003 + epoch * 1009 + ctx.rank)  # this epoch's randomness, and nothing else's
-            sampler.set_epoch(epoch)
-            loader = DataLoader(
-                robust(train_set), batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                collate_fn=collate_detection, drop_last=True, persistent_workers=False,
-                generator=torch.Generator().manual_seed(cfg.seed + epoch),
-            )
+            loader = epoch_loader(cfg, ctx, train_set, epoch)  # this epoch's randomness, and nothing else's
             runlog.epoch_start(epoch, steps)
             record: Dict[str, Any] = {"epoch": epoch}
             record.update(_train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler, epoch, runlog, steps, last_path))
