@@ -453,3 +453,40 @@ def test_detector_keys_in_the_latency_benchmark():
     for bad in ("det:yolo:repghostnet_100", "det:retinanet:resnet50", "det:retinanet:repghostnet_100:nchw"):
         with pytest.raises(ValueError, match="detector key"):
             parse_model(bad)
+
+
+def test_precise_bn_recomputes_trained_statistics_the_same_way_for_every_momentum(synth):
+    """Precise BN: the running statistics become the plain average of the batch statistics over the
+    given images, whatever the backbone's momentum; frozen BatchNorms keep theirs."""
+    import copy
+
+    from repghost.detection.precise_bn import recompute_bn_statistics, trained_batchnorms
+    from repghost.training.distributed import DistContext
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    images = CocoSet(synth / "train.json", synth / "images")
+    for backbone in ("mobilenet_v3_large", "repghostnet_050"):
+        torch.manual_seed(0)
+        a = create_detector("retinanet", backbone, 3, trainable_stages=3, **SMALL)
+        randomize_bn(a.backbone.body, seed=2)
+        b = copy.deepcopy(a)
+        for m in b.backbone.body.modules():
+            if isinstance(m, _BatchNorm):
+                m.momentum = 0.5 if m.momentum == 0.01 else 0.01
+        trained = trained_batchnorms(a)
+        frozen = [m for m in a.backbone.body.modules() if isinstance(m, _BatchNorm) and not any(m is t for t in trained)]
+        assert trained and frozen
+        frozen_before = [m.running_mean.clone() for m in frozen]
+        probe = trained[-1]
+        means = []
+        hook = probe.register_forward_hook(lambda m, i, o: means.append(i[0].mean(dim=(0, 2, 3))))
+        used = recompute_bn_statistics(a, images, ctx=ctx, batch_size=4)
+        hook.remove()
+        recompute_bn_statistics(b, images, ctx=ctx, batch_size=4)
+        assert used == len(images) and len(means) == 4  # 16 images in batches of 4
+        torch.testing.assert_close(probe.running_mean, torch.stack(means).mean(0), rtol=1e-4, atol=1e-5)
+        for x, y in zip(trained, trained_batchnorms(b)):  # momentum plays no part
+            torch.testing.assert_close(x.running_mean, y.running_mean, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(x.running_var, y.running_var, rtol=1e-4, atol=1e-6)
+        assert all(torch.equal(before, m.running_mean) for before, m in zip(frozen_before, frozen))
+        assert trained[0].momentum in (0.1, 0.01) and a.training  # momentum and mode restored

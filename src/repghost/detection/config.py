@@ -74,6 +74,9 @@ class DetectTrainConfig:
     score_thresh: float = 0.05
     deterministic: bool = False
     max_steps_per_epoch: Optional[int] = None
+    # precise BN: before every evaluation (and so in every saved detector), the backbone's trained
+    # BatchNorm statistics are recomputed over this many training images (0: keep the running averages)
+    precise_bn_images: int = 200
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -98,6 +101,7 @@ class DetectTrainConfig:
         for name in ("epochs", "batch_size", "eval_every", "log_interval", "synthetic_images"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(self.precise_bn_images >= 0, f"precise_bn_images must be >= 0 (0 turns precise BN off), got {self.precise_bn_images}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(0 <= self.warmup_epochs < self.epochs, f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
 

@@ -6,6 +6,11 @@ scheduler (stepped per update), a run folder with ``config.yaml``, ``metrics.jso
 box AP, mask AP for Mask R-CNN), and at the end ``deploy.safetensors`` (the backbone folded; its
 outputs checked against the train form) and ``final.json``.
 
+Before every evaluation the backbone's trained BatchNorm statistics are recomputed over
+``precise_bn_images`` training images (:mod:`.precise_bn`), so every evaluation, every saved
+detector and the deploy file (folded from ``best.safetensors``) use current statistics, computed
+the same way for every backbone.
+
 Resume (``resume=True``) continues from ``last.pth`` at the epoch it reached. Each epoch draws its
 randomness from ``(seed, epoch, rank)`` mixed by :func:`repghost.training.setup.epoch_seed` alone
 (sampler order, augmentation, dropout), so a resumed run makes the same updates as one that was
@@ -39,6 +44,7 @@ from .data import CocoSet, collate_detection, robust, train_transforms
 from .evaluate import evaluate_detector
 from .files import categories_to_dict, save_detector
 from .models import create_detector, fold_detector
+from .precise_bn import precise_bn_subset, recompute_bn_statistics
 
 __all__ = ["train_detector", "epoch_loader", "resume_detect_config", "BEST_DETECTOR", "DEPLOY_DETECTOR", "detection_files", "fold_and_check"]
 
@@ -84,7 +90,7 @@ def _prepare_run_dir(cfg: DetectTrainConfig, resume: bool, ctx: DistContext) -> 
     return run_dir
 
 
-def _datasets(cfg: DetectTrainConfig) -> Tuple[CocoSet, CocoSet]:
+def _datasets(cfg: DetectTrainConfig) -> Tuple[CocoSet, CocoSet, Any]:
     files = detection_files(cfg)
     masks = cfg.detector == "maskrcnn"
     aug = train_transforms(cfg.img_size, scale_range=tuple(cfg.scale_range), hflip=cfg.hflip, vflip=cfg.vflip)  # type: ignore[arg-type]
@@ -95,7 +101,9 @@ def _datasets(cfg: DetectTrainConfig) -> Tuple[CocoSet, CocoSet]:
             f"the validation file's categories {list(val_set.categories.ids)} differ from the training file's "
             f"{list(train_set.categories.ids)}; both files must list the same categories"
         )
-    return train_set, val_set
+    # Precise BN's images: training images at the evaluation geometry (no augmentation).
+    bn_set = precise_bn_subset(CocoSet(files["train_ann"], files["train_images"], masks=False), cfg.precise_bn_images) if cfg.precise_bn_images else None
+    return train_set, val_set, bn_set
 
 
 def epoch_loader(cfg: DetectTrainConfig, ctx: DistContext, train_set: CocoSet, epoch: int) -> DataLoader:
@@ -264,7 +272,7 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: An
     configure_backends(ctx.device, cfg.deterministic)
     if cfg.output is None:  # set before the data: --data synthetic writes its set inside the run folder
         cfg.output = str(Path("runs") / f"{cfg.detector}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
-    train_set, val_set = _datasets(cfg)  # errors about the data come before the run folder exists
+    train_set, val_set, bn_set = _datasets(cfg)  # errors about the data come before the run folder exists
     run_dir = _prepare_run_dir(cfg, resume, ctx)
     seed_all(cfg.seed)
     model = create_detector(
@@ -315,6 +323,8 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: An
             record: Dict[str, Any] = {"epoch": epoch}
             record.update(_train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler, epoch, runlog, steps, last_path))
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                if bn_set is not None:  # precise BN: every backbone's statistics current, and computed the same way
+                    recompute_bn_statistics(model, bn_set, ctx=ctx, batch_size=cfg.batch_size, workers=cfg.workers)
                 metrics = evaluate_detector(model, val_set, ctx=ctx, batch_size=cfg.batch_size, workers=cfg.workers)
                 record.update(_flatten(metrics))
                 score = _score(cfg, metrics)
