@@ -4,8 +4,8 @@ Each set is fetched once with ``python -m pip download --no-deps`` (nothing is i
 to COCO instances JSON and cached under ``<cache>/<name>/``:
 
 * ``deepforest`` (deepforest==2.1.0, MIT): 4 aerial RGB scenes from NEON sites with 951 tree-crown
-  boxes in Pascal-VOC XML, cut into non-overlapping tiles and split by source image (scene) into
-  ``train.json`` / ``val.json``.
+  boxes in Pascal-VOC XML, cut into overlapping tiles and split by source image (scene) into
+  ``train.json`` / ``val.json``, and the training scenes into ``fit.json`` / ``tune.json`` (recipe choice).
 * ``quokka`` (imgaug==0.4.0, MIT): one photo and one 39-vertex polygon, ``annotations.json``.
 * ``terrain`` (sahi==0.12.8 source archive, MIT): one landscape photo with 5 car polygons, whose wrong
   ``area`` values are recomputed, ``annotations.json``.
@@ -52,7 +52,7 @@ SOURCES: Dict[str, Dict[str, str]] = {
         "license": "MIT",
         "contains": "deepforest/data/: 4 annotated aerial RGB images (separate scenes) from NEON sites YELL, OSBS, "
                     "SOAP with 951 tree-crown boxes (Pascal-VOC XML; the CSVs repeat or subset them), cut into "
-                    "non-overlapping tiles and split by source image",
+                    "overlapping tiles and split by source image",
         "categories": "tree",
     },
     "quokka": {
@@ -76,7 +76,7 @@ class DownloadError(RuntimeError):
     """``pip download`` could not fetch a source package (no network to PyPI, timeout, no pip)."""
 
 
-_FORMAT = 2  # bump when the written layout changes, so old caches are rebuilt
+_FORMAT = 3  # 3: overlapping deepforest tiles with iscrowd remainders, fit/tune splits. Bump when the written layout changes, so old caches are rebuilt
 _PIP_TIMEOUT_S = 600
 
 
@@ -289,21 +289,59 @@ def _site(image_name: str) -> Optional[str]:
     return None
 
 
-def _tile_spans(size: int, tile: int) -> List[Tuple[int, int]]:
-    """``(start, length)`` of each tile along one axis: ``ceil(size / tile)`` tiles that cover ``0..size``
-    without overlap, their lengths at most ``tile`` and differing by at most 1 px (the longer ones last),
-    e.g. 1249 px at tile 400 -> lengths 312, 312, 312, 313."""
+def _tile_spans(size: int, tile: int, overlap: int = 0) -> List[Tuple[int, int]]:
+    """``(start, length)`` of each tile along one axis: every tile ``min(tile, size)`` long, the first at
+    0 and the last ending at ``size``, the starts spread evenly so that neighbours share at least
+    ``overlap`` px; e.g. 1249 px at tile 400, overlap 100 -> starts 0, 283, 566, 849."""
     if size < 1 or tile < 1:
         raise ValueError(f"size and tile must be positive, got {size} and {tile}")
-    n = -(-size // tile)
-    base, extra = divmod(size, n)
-    spans: List[Tuple[int, int]] = []
-    start = 0
-    for i in range(n):
-        length = base + (1 if i >= n - extra else 0)
-        spans.append((start, length))
-        start += length
-    return spans
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap} at tile {tile}")
+    if size <= tile:
+        return [(0, size)]
+    n = 1 + -(-(size - tile) // (tile - overlap))  # the fewest tiles whose steps are <= tile - overlap
+    return [(i * (size - tile) // (n - 1), tile) for i in range(n)]
+
+
+def _tile_annotations(
+    width: int, height: int, boxes: Sequence[_Box], *, tile: int, overlap: int, min_visibility: float,
+    origin: Tuple[int, int] = (0, 0),
+) -> List[Dict[str, Any]]:
+    """Overlapping tiles of the ``width`` x ``height`` region at ``origin`` and each tile's boxes.
+
+    A box is clipped to every tile it reaches. A clipped box that keeps at least ``min_visibility`` of
+    the box's area (and is at least 2 px wide and high) is a label (``iscrowd`` 0); a smaller remainder
+    is marked ``iscrowd`` 1: left out of training and ignored by COCOeval, so a crown cut by the tile
+    edge is neither background to learn nor a false positive to count. Returns
+    ``{"x0", "y0", "width", "height", "boxes": [([x, y, w, h] in tile pixels, iscrowd)]}`` per tile,
+    x0/y0 in source-image pixels.
+    """
+    ox, oy = origin
+    tiles = []
+    for y0, th in _tile_spans(height, tile, overlap):
+        for x0, tw in _tile_spans(width, tile, overlap):
+            tx0, ty0 = ox + x0, oy + y0
+            anns = []
+            for b in boxes:
+                c = _Box(max(b.x0, tx0), max(b.y0, ty0), min(b.x1, tx0 + tw), min(b.y1, ty0 + th))
+                w, h = c.x1 - c.x0, c.y1 - c.y0
+                if w < 1 or h < 1:
+                    continue  # not in this tile (or a sliver)
+                visible = w * h / ((b.x1 - b.x0) * (b.y1 - b.y0))
+                crowd = int(visible < min_visibility or w < 2 or h < 2)
+                anns.append(([c.x0 - tx0, c.y0 - ty0, w, h], crowd))
+            tiles.append({"x0": tx0, "y0": ty0, "width": tw, "height": th, "boxes": anns})
+    return tiles
+
+
+def _tune_band(width: int, height: int, tile: int, tune_fraction: float) -> Optional[Tuple[int, int]]:
+    """``(fit_height, tune_height)`` of a training scene cut across: the bottom band (at least one tile
+    high) becomes the tune region, the rest the fit region; ``None`` for a scene under two tiles high
+    (it stays whole in the fit split)."""
+    if tune_fraction <= 0 or height < 2 * tile:
+        return None
+    tune = max(tile, round(height * tune_fraction))
+    return height - tune, tune
 
 
 def _split_groups(counts: Dict[str, int], val_fraction: float) -> List[str]:
@@ -329,15 +367,25 @@ def _sanitize(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "image"
 
 
-def fetch_deepforest(cache: Path, *, tile: int = 400, val_fraction: float = 0.3) -> Path:
+DEEPFOREST_SPLITS = ("train", "val", "fit", "tune")
+
+
+def _deepforest_want(tile: int, overlap: int, min_visibility: float, val_fraction: float, tune_fraction: float) -> Dict[str, Any]:
+    """What a cached deepforest folder's ``meta.json`` must say to be reused (the format is the stamp
+    that makes an older layout, e.g. the non-overlapping tiles of format 2, be rebuilt)."""
+    return {"format": _FORMAT, "source": SOURCES["deepforest"]["package"], "tile": tile, "overlap": overlap,
+            "min_visibility": min_visibility, "val_fraction": val_fraction, "tune_fraction": tune_fraction}
+
+
+def fetch_deepforest(cache: Path, *, tile: int = 400, overlap: int = 100, min_visibility: float = 0.5,
+                     val_fraction: float = 0.3, tune_fraction: float = 0.25) -> Path:
     """Tree crowns from the deepforest==2.1.0 wheel as a tiled COCO set, split by source image (scene).
 
     The wheel's ``deepforest/data/`` holds 4 annotated images (two large YELL crops, OSBS_029, SOAP_061;
-    951 boxes; ``Dead``/``Alive``/``Tree`` labels all become the one category ``tree``). Each axis of an
-    image is cut into ``ceil(size / tile)`` near-equal tiles that do not overlap (lengths at most ``tile``,
-    differing by at most 1 px; see :func:`_tile_spans`), so each image's tiles partition it. A box goes to
-    the one tile that contains its centre, clipped to that tile, and is dropped when the clipped box is
-    under 2 px wide or high; so every tree appears at most once in the whole set.
+    951 boxes; ``Dead``/``Alive``/``Tree`` labels all become the one category ``tree``). Each image is
+    cut into ``tile`` px tiles that overlap by at least ``overlap`` px (:func:`_tile_spans`); a box is
+    clipped to every tile it reaches and is a label where it keeps at least ``min_visibility`` of its
+    area, else an ``iscrowd`` region (:func:`_tile_annotations`), so no crown part is unlabelled.
 
     The split is by region = source image: whole source images go to val (in sorted order, while that
     brings val closer to ``val_fraction`` of the boxes), the rest to train, so no tree and no part of a
@@ -345,21 +393,37 @@ def fetch_deepforest(cache: Path, *, tile: int = 400, val_fraction: float = 0.3)
     13 km apart, at UTM 528000_4978000 and 541000_4977000), so a scene is the unit that keeps splits
     independent; a split by NEON site would leave val only the two small images of other biomes (98 of
     951 boxes). A site may therefore be in both splits; each tile keeps its ``site`` and ``source_image``,
-    and ``meta.json`` lists both per split. Writes ``images/*.png`` (8-bit RGB), ``train.json``,
-    ``val.json`` and ``meta.json`` under ``cache/deepforest`` and returns that folder; a cached set with
-    the same options is returned without network. Raises :class:`DownloadError` (a ``RuntimeError``)
-    when the download fails.
+    and ``meta.json`` lists both per split.
+
+    For choosing a recipe without looking at val, the training scenes are also written as two disjoint
+    regions: ``tune.json``, the bottom band (``tune_fraction`` of the height, at least one tile) of every
+    training scene at least two tiles high, and ``fit.json``, the rest of the training scenes; the two
+    share no pixel (each region is tiled on its own). Writes ``images/*.png`` (8-bit RGB), ``train.json``,
+    ``val.json``, ``fit.json``, ``tune.json`` and ``meta.json`` under ``cache/deepforest`` and returns
+    that folder; a cached set with the same options and format is returned without network, any other
+    (an older format included) is rebuilt. Raises :class:`DownloadError` (a ``RuntimeError``) when the
+    download fails.
     """
     if tile < 16:
         raise ValueError(f"tile must be at least 16 px, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap}")
+    if not 0.0 < min_visibility <= 1.0:
+        raise ValueError(f"min_visibility must be in (0, 1], got {min_visibility}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= tune_fraction < 0.5:
+        raise ValueError(f"tune_fraction must be in [0, 0.5), got {tune_fraction}")
     spec = SOURCES["deepforest"]["package"]
     target = Path(cache) / "deepforest"
-    want = {"format": _FORMAT, "source": spec, "tile": tile, "val_fraction": val_fraction}
+    want = _deepforest_want(tile, overlap, min_visibility, val_fraction, tune_fraction)
     if _cached(target, want):
         log.info("deepforest: using cached set %s", target)
         return target
+    old = _read_meta(target)
+    if old is not None:
+        log.info("deepforest: the cached set %s was made with other options or an older format (%s); rebuilding it",
+                 target, {k: old.get(k) for k in want if old.get(k) != want[k]})
 
     with _staged(target) as out:
         wheel = _pip_download(spec, out / ".download")
@@ -389,14 +453,33 @@ def fetch_deepforest(cache: Path, *, tile: int = 400, val_fraction: float = 0.3)
                  sorted(val_groups), sorted(g for g in groups if g not in val_groups))
 
         (out / "images").mkdir()
-        cocos = {split: _coco_skeleton("tree") for split in ("train", "val")}
-        stats = {"clipped": 0, "dropped": 0, "invalid": 0}
-        per_split = {split: {"source_images": [], "sites": set(), "source_boxes": 0}
-                     for split in ("train", "val")}
-        next_image, next_ann = 1, 1
+        cocos = {split: _coco_skeleton("tree") for split in DEEPFOREST_SPLITS}
+        ids = {split: [1, 1] for split in DEEPFOREST_SPLITS}  # next image id, next annotation id
+        invalid = 0
+        per_split = {split: {"source_images": [], "sites": set(), "source_boxes": 0} for split in ("train", "val")}
+        written = set()
+
+        def add_tiles(split: str, src: _Source, img: Image.Image, site: str, boxes: List[_Box],
+                      region: Tuple[int, int, int, int]) -> None:
+            rx, ry, rw, rh = region
+            coco, next_ids = cocos[split], ids[split]
+            for t in _tile_annotations(rw, rh, boxes, tile=tile, overlap=overlap, min_visibility=min_visibility, origin=(rx, ry)):
+                x0, y0, tw, th = t["x0"], t["y0"], t["width"], t["height"]
+                file_name = f"{_sanitize(Path(src.image).stem)}_x{x0}_y{y0}_{tw}x{th}.png"
+                if file_name not in written:  # the same pixels, whichever split lists them
+                    img.crop((x0, y0, x0 + tw, y0 + th)).save(out / "images" / file_name)
+                    written.add(file_name)
+                coco["images"].append({"id": next_ids[0], "file_name": file_name, "width": tw, "height": th,
+                                       "source_image": src.image, "site": site, "tile_origin": [x0, y0]})
+                for bbox, crowd in t["boxes"]:
+                    coco["annotations"].append({"id": next_ids[1], "image_id": next_ids[0], "category_id": 1,
+                                                "bbox": [float(v) for v in bbox], "area": float(bbox[2] * bbox[3]),
+                                                "iscrowd": crowd})
+                    next_ids[1] += 1
+                next_ids[0] += 1
+
         for src, img, site in loaded:
             split = split_of[src.image]
-            coco = cocos[split]
             per_split[split]["source_images"].append(src.image)
             per_split[split]["sites"].add(site)
             per_split[split]["source_boxes"] += len(src.boxes)
@@ -405,61 +488,49 @@ def fetch_deepforest(cache: Path, *, tile: int = 400, val_fraction: float = 0.3)
             for b in src.boxes:  # to the image first: a box outside the image is no tree in it
                 c = _Box(max(b.x0, 0.0), max(b.y0, 0.0), min(b.x1, float(width)), min(b.y1, float(height)))
                 if not (c.x1 - c.x0 >= 2 and c.y1 - c.y0 >= 2):  # also catches NaN
-                    stats["invalid"] += 1
+                    invalid += 1
                     continue
                 boxes.append(c)
-            for y0, th in _tile_spans(height, tile):
-                for x0, tw in _tile_spans(width, tile):
-                    anns = []
-                    for b in boxes:
-                        cx, cy = (b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2
-                        if not (x0 <= cx < x0 + tw and y0 <= cy < y0 + th):
-                            continue
-                        c = _Box(max(b.x0, x0), max(b.y0, y0), min(b.x1, x0 + tw), min(b.y1, y0 + th))
-                        if c != b:
-                            stats["clipped"] += 1
-                        w, h = c.x1 - c.x0, c.y1 - c.y0
-                        if w < 2 or h < 2:
-                            stats["dropped"] += 1
-                            continue
-                        anns.append([c.x0 - x0, c.y0 - y0, w, h])
-                    file_name = f"{_sanitize(Path(src.image).stem)}_x{x0}_y{y0}.png"
-                    img.crop((x0, y0, x0 + tw, y0 + th)).save(out / "images" / file_name)
-                    coco["images"].append({"id": next_image, "file_name": file_name, "width": tw, "height": th,
-                                           "source_image": src.image, "site": site, "tile_origin": [x0, y0]})
-                    for bbox in anns:
-                        coco["annotations"].append({"id": next_ann, "image_id": next_image, "category_id": 1,
-                                                    "bbox": [float(v) for v in bbox], "area": float(bbox[2] * bbox[3]),
-                                                    "iscrowd": 0})
-                        next_ann += 1
-                    next_image += 1
+            add_tiles(split, src, img, site, boxes, (0, 0, width, height))
+            if split == "train":
+                band = _tune_band(width, height, tile, tune_fraction)
+                if band is None:
+                    add_tiles("fit", src, img, site, boxes, (0, 0, width, height))
+                else:
+                    add_tiles("fit", src, img, site, boxes, (0, 0, width, band[0]))
+                    add_tiles("tune", src, img, site, boxes, (0, band[0], width, band[1]))
             log.info("deepforest: %s (%s, %dx%d, %d boxes) -> %s", src.image, site, width, height,
                      len(src.boxes), split)
 
         for split, coco in cocos.items():
             _write_json(out / f"{split}.json", coco)
+
+        def counts(split: str) -> Dict[str, int]:
+            anns = cocos[split]["annotations"]
+            crowd = sum(a["iscrowd"] for a in anns)
+            return {"images": len(cocos[split]["images"]), "boxes": len(anns) - crowd, "crowd": crowd}
+
         meta = {
             **want,
             "license": SOURCES["deepforest"]["license"],
             "archive_folder": folder,
             "annotation_files": sorted({s.annotation_file for s, _, _ in loaded}),
             "split_by": "source_image",
-            "splits": {split: {"images": len(cocos[split]["images"]), "boxes": len(cocos[split]["annotations"]),
-                               "source_images": sorted(per_split[split]["source_images"]),
-                               "source_boxes": per_split[split]["source_boxes"],
-                               "sites": sorted(per_split[split]["sites"])}
+            "splits": {split: {**counts(split), "source_images": sorted(per_split[split]["source_images"]),
+                               "source_boxes": per_split[split]["source_boxes"], "sites": sorted(per_split[split]["sites"])}
                        for split in ("train", "val")},
+            "holdout": {"fit": counts("fit"), "tune": counts("tune"),
+                        "about": "fit + tune: the training scenes cut into two disjoint regions (tune: the bottom band "
+                                 "of each scene at least two tiles high), for choosing a recipe without val"},
             "source_boxes": sum(len(s.boxes) for s, _, _ in loaded),
-            "boxes_outside_image": stats["invalid"],
-            "clipped": stats["clipped"],
-            "dropped": stats["dropped"],
+            "boxes_outside_image": invalid,
         }
         _write_json(out / "meta.json", meta)
-        log.info("deepforest: %d source boxes; train %d tiles / %d boxes, val %d tiles / %d boxes; "
-                 "%d boxes clipped to a tile, %d dropped (< 2 px), %d invalid in the source",
+        log.info("deepforest: %d source boxes; train %d tiles / %d boxes (+%d crowd), val %d tiles / %d boxes "
+                 "(+%d crowd), fit %d tiles, tune %d tiles; %d invalid in the source",
                  meta["source_boxes"], meta["splits"]["train"]["images"], meta["splits"]["train"]["boxes"],
-                 meta["splits"]["val"]["images"], meta["splits"]["val"]["boxes"],
-                 stats["clipped"], stats["dropped"], stats["invalid"])
+                 meta["splits"]["train"]["crowd"], meta["splits"]["val"]["images"], meta["splits"]["val"]["boxes"],
+                 meta["splits"]["val"]["crowd"], meta["holdout"]["fit"]["images"], meta["holdout"]["tune"]["images"], invalid)
     return target
 
 
