@@ -163,7 +163,7 @@ def _awkward_set(tmp: Path, synth: Path) -> Path:
 
 def test_awkward_annotations_are_counted_and_handled(tmp_path, synth):
     root = _awkward_set(tmp_path, synth)
-    ds = CocoSet(root / "ann.json", root / "images", masks=True, transforms=train_transforms(96, scale_range=(1.0, 1.0), hflip=0.0))
+    ds = CocoSet(root / "ann.json", root / "images", masks=True, transforms=train_transforms(hflip=0.0))
     r = ds.report
     assert (r.crowd, r.degenerate, r.clipped, r.missing_images, r.images_without_annotations) == (1, 1, 1, 1, 3)  # empty, gone and broken have none
     assert ds.categories.ids == (3, 7, 11)  # the file's gapped ids
@@ -490,3 +490,36 @@ def test_precise_bn_recomputes_trained_statistics_the_same_way_for_every_momentu
             torch.testing.assert_close(x.running_var, y.running_var, rtol=1e-4, atol=1e-6)
         assert all(torch.equal(before, m.running_mean) for before, m in zip(frozen_before, frozen))
         assert trained[0].momentum in (0.1, 0.01) and a.training  # momentum and mode restored
+
+
+def test_training_and_evaluation_share_one_geometry(synth):
+    """Training jitters the shortest side around the evaluation size (capped by max_size), and both
+    pad with the normalization mean; the data transform leaves the geometry to the detector."""
+    cfg = load_detect_config(None, dict(data="synthetic", img_size=512, scale_range=[0.75, 1.25], max_size=2000))
+    det = create_detector("retinanet", "repghostnet_050", 3, preset="light", **{k: v for k, v in cfg.detector_options().items()})
+    image = torch.rand(3, 480, 640)
+    with torch.no_grad():
+        det.eval()
+        batch, _ = det.transform([image])
+        eval_scale = batch.image_sizes[0][0] / 480
+        assert batch.image_sizes[0] == (512, 682)  # shortest side to img_size
+        det.train()
+        torch.manual_seed(0)
+        scales = {det.transform([image])[0].image_sizes[0][0] / 480 / eval_scale for _ in range(60)}
+    assert min(scales) == pytest.approx(0.75, abs=0.01) and max(scales) == pytest.approx(1.25, abs=0.01) and len(scales) > 4
+    # The longest side's cap holds in training as in evaluation.
+    capped = create_detector("retinanet", "repghostnet_050", 3, preset="light", **dict(cfg.detector_options(), max_size=700)).train()
+    with torch.no_grad():
+        assert all(max(capped.transform([image])[0].image_sizes[0]) <= 700 for _ in range(20))
+    # Padding: zeros after normalization, i.e. the normalization mean in pixel values.
+    det.eval()
+    with torch.no_grad():
+        batch, _ = det.transform([torch.rand(3, 480, 640), torch.rand(3, 640, 480)])
+    h, w = batch.image_sizes[0]
+    assert batch.tensors.shape[-1] > w and torch.all(batch.tensors[0, :, :, w:] == 0)
+    # The data transform keeps the image's size (only flips); boxes follow.
+    ds = CocoSet(synth / "train.json", synth / "images", transforms=train_transforms(hflip=1.0))
+    plain = CocoSet(synth / "train.json", synth / "images")
+    (a, ta), (b, tb) = ds[0], plain[0]
+    assert a.shape == b.shape and torch.equal(a, b.flip(-1))
+    torch.testing.assert_close(ta["boxes"][:, [2, 0]], b.shape[-1] - tb["boxes"][:, [0, 2]])

@@ -46,9 +46,9 @@ class DetectTrainConfig:
     val_ann: Optional[str] = None
     val_images: Optional[str] = None
     synthetic_images: int = 400
-    img_size: int = 512  # training crop side and the detector's min_size
-    max_size: Optional[int] = None  # the detector's max_size (default: img_size * 1333 / 800)
-    scale_range: List[float] = dataclasses.field(default_factory=lambda: [0.75, 1.25])
+    img_size: int = 512  # the shortest side at evaluation (the detector's min_size); training jitters it
+    max_size: Optional[int] = None  # the longest side's cap, training and evaluation (default: img_size * 1333 / 800)
+    scale_range: List[float] = dataclasses.field(default_factory=lambda: [0.75, 1.25])  # training's shortest-side jitter
     hflip: float = 0.5
     vflip: float = 0.0
     workers: int = 2
@@ -109,6 +109,13 @@ class DetectTrainConfig:
     def resolved_max_size(self) -> int:
         return self.max_size if self.max_size is not None else max(self.img_size, self.img_size * 1333 // 800)
 
+    @property
+    def train_sizes(self) -> tuple:
+        """Training's shortest sides: 9 evenly spaced sizes over ``scale_range`` x ``img_size``, as
+        torchvision's detection references jitter the shortest side (capped by ``max_size``)."""
+        lo, hi = self.scale_range
+        return tuple(sorted({max(1, round(self.img_size * (lo + (hi - lo) * k / 8))) for k in range(9)}))
+
     def detector_options(self) -> Dict[str, Any]:
         """The ``create_detector`` options this run asks for (the preset's sizes unless overridden)."""
         sizes = {k: v for k, v in HEAD_PRESETS[self.preset].items()}
@@ -117,7 +124,7 @@ class DetectTrainConfig:
                 sizes[k] = getattr(self, k)
         return dict(
             sizes, head_norm=self.head_norm, anchor_size=self.anchor_size, min_size=self.img_size,
-            max_size=self.resolved_max_size, trainable_stages=self.trainable_stages, frozen_bn=self.frozen_bn,
+            max_size=self.resolved_max_size, train_sizes=self.train_sizes, trainable_stages=self.trainable_stages, frozen_bn=self.frozen_bn,
             score_thresh=self.score_thresh,
         )
 

@@ -181,10 +181,10 @@ def _check_annotations(data: Dict[str, Any], image_dir: Path, cats: CategoryMap,
     return kept
 
 
-def train_transforms(size: int, *, scale_range: Tuple[float, float] = (0.75, 1.25), hflip: float = 0.5, vflip: float = 0.0):
-    """Scale jitter around ``size``, a ``size`` x ``size`` crop (padded where the image is smaller),
-    flips; boxes and masks follow the image, and boxes left with no area are dropped with their
-    labels and masks."""
+def train_transforms(*, hflip: float = 0.5, vflip: float = 0.0):
+    """Flips; boxes and masks follow the image. The geometry (the shortest-side jitter, the cap on the
+    longest side, the padding) is the detector's own resize in training mode, the same transform that
+    evaluation runs at its middle size, so training and evaluation see objects at the same scale."""
     from torchvision.transforms import v2
 
     steps: List[Any] = [v2.ToImage()]
@@ -192,13 +192,7 @@ def train_transforms(size: int, *, scale_range: Tuple[float, float] = (0.75, 1.2
         steps.append(v2.RandomHorizontalFlip(hflip))
     if vflip:
         steps.append(v2.RandomVerticalFlip(vflip))
-    steps += [
-        v2.ScaleJitter((size, size), scale_range=scale_range, antialias=True),
-        v2.RandomCrop((size, size), pad_if_needed=True),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(min_size=1.0),
-        v2.ToDtype(torch.float32, scale=True),
-    ]
+    steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0), v2.ToDtype(torch.float32, scale=True)]
     return v2.Compose(steps)
 
 

@@ -93,7 +93,7 @@ def _prepare_run_dir(cfg: DetectTrainConfig, resume: bool, ctx: DistContext) -> 
 def _datasets(cfg: DetectTrainConfig) -> Tuple[CocoSet, CocoSet, Any]:
     files = detection_files(cfg)
     masks = cfg.detector == "maskrcnn"
-    aug = train_transforms(cfg.img_size, scale_range=tuple(cfg.scale_range), hflip=cfg.hflip, vflip=cfg.vflip)  # type: ignore[arg-type]
+    aug = train_transforms(hflip=cfg.hflip, vflip=cfg.vflip)  # the size jitter is the detector's (cfg.train_sizes)
     train_set = CocoSet(files["train_ann"], files["train_images"], masks=masks, transforms=aug)
     val_set = CocoSet(files["val_ann"], files["val_images"], masks=False)
     if val_set.categories.ids != train_set.categories.ids:
