@@ -60,7 +60,7 @@ class DetectTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1.0e-4
     sched: str = "cosine"
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 1.0  # cut to a quarter of the run when the run is not longer (as `repghost train`)
     warmup_lr: float = 1.0e-4
     min_lr: float = 1.0e-5
     clip_grad: Optional[float] = 10.0
@@ -103,7 +103,7 @@ class DetectTrainConfig:
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         need(self.precise_bn_images >= 0, f"precise_bn_images must be >= 0 (0 turns precise BN off), got {self.precise_bn_images}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(0 <= self.warmup_epochs < self.epochs, f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")  # one too long is cut (train.py)
 
     @property
     def resolved_max_size(self) -> int:

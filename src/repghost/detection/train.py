@@ -38,7 +38,7 @@ from ..training.distributed import (
 from ..training.epoch import NonFiniteLossError, NoTrainingStepError
 from ..training.logs import RunLog
 from ..training.setup import configure_backends, epoch_seed, seed_all
-from ..training.config import save_config
+from ..training.config import resolve_warmup, save_config
 from .config import RUN_IDENTITY, DetectTrainConfig
 from .data import CocoSet, collate_detection, robust, train_transforms
 from .evaluate import evaluate_detector
@@ -137,8 +137,12 @@ def _optimization(cfg: DetectTrainConfig, model: nn.Module, steps_per_epoch: int
         raise ValueError("nothing to train: every parameter is frozen (raise trainable_stages or unfreeze the heads)")
     trainable = nn.ParameterList(params)  # timm's optimizer factory takes a module; frozen parameters stay out
     optimizer = create_optimizer_v2(trainable, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    warmup = resolve_warmup(cfg)  # type: ignore[arg-type]  (reads epochs and warmup_epochs)
+    if warmup != cfg.warmup_epochs:
+        log.info("warmup_epochs %s is not shorter than the run (%d epochs): warming up for %s epochs instead",
+                 cfg.warmup_epochs, cfg.epochs, warmup)
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=warmup, warmup_lr=cfg.warmup_lr,
         min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
     )
     return optimizer, scheduler
