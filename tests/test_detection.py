@@ -523,3 +523,20 @@ def test_training_and_evaluation_share_one_geometry(synth):
     (a, ta), (b, tb) = ds[0], plain[0]
     assert a.shape == b.shape and torch.equal(a, b.flip(-1))
     torch.testing.assert_close(ta["boxes"][:, [2, 0]], b.shape[-1] - tb["boxes"][:, [0, 2]])
+
+
+def test_a_warmup_longer_than_the_run_is_cut_and_said(synth, tmp_path, caplog):
+    """`detect train --epochs 1` with the default warm-up must train, as `repghost train` does."""
+    import logging
+
+    from repghost.detection.train import _optimization
+
+    cfg = _tiny_config(synth, tmp_path, epochs=1, warmup_epochs=5.0)
+    model = create_detector("retinanet", "repghostnet_050", 3, **SMALL)
+    with caplog.at_level(logging.INFO, logger="repghost.detection.train"):
+        _, scheduler = _optimization(cfg, model, steps_per_epoch=4)
+    assert scheduler.warmup_t == 0 and "warming up for 0 epochs instead" in caplog.text
+    _, scheduler = _optimization(_tiny_config(synth, tmp_path, epochs=8, warmup_epochs=1.0), model, steps_per_epoch=4)
+    assert scheduler.warmup_t == 4  # a warm-up shorter than the run is kept (in steps: 1 epoch x 4)
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
+        _tiny_config(synth, tmp_path, warmup_epochs=-1.0)
