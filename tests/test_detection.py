@@ -540,3 +540,35 @@ def test_a_warmup_longer_than_the_run_is_cut_and_said(synth, tmp_path, caplog):
     assert scheduler.warmup_t == 4  # a warm-up shorter than the run is kept (in steps: 1 epoch x 4)
     with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
         _tiny_config(synth, tmp_path, warmup_epochs=-1.0)
+
+
+def test_the_detection_cap_is_a_field_scored_by_cocoeval_and_warned_about(synth, tmp_path, caplog):
+    import logging
+
+    from repghost.detection.evaluate import evaluate_detector
+    from repghost.training.distributed import DistContext
+
+    data = json.loads((synth / "val.json").read_text())
+    for a in data["annotations"]:
+        a["category_id"] = 3  # one category: COCOeval caps detections per image and category
+    (tmp_path / "one.json").write_text(json.dumps(data))
+    ds = CocoSet(tmp_path / "one.json", synth / "images")
+    results = []
+    for img_id in ds.ids:  # 100 confident misses (1 px boxes in a corner), then the ground truth
+        anns = ds.coco.imgToAnns[img_id]
+        boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 100 + [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns])
+        scores = torch.cat([torch.ones(100), torch.full((len(anns),), 0.5)])
+        results += to_coco_results({"boxes": boxes, "scores": scores, "labels": torch.ones(len(boxes), dtype=torch.int64)}, img_id, ds.categories)
+    assert coco_metrics(ds.coco, results, ds.ids, ["bbox"])["bbox"]["AR100"] == pytest.approx(0.0)  # cut at 100
+    assert coco_metrics(ds.coco, results, ds.ids, ["bbox"], max_dets=300)["bbox"]["AR300"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="detections_per_img must be > 10"):
+        _tiny_config(synth, tmp_path, detections_per_img=10)
+    # The field reaches the detector and its file's metadata; evaluation uses it and says when images reach it.
+    cfg = _tiny_config(synth, tmp_path, detections_per_img=11, score_thresh=0.0)
+    assert cfg.detector_options()["detections_per_img"] == 11
+    det = create_detector("retinanet", "repghostnet_050", 3, preset="light", **cfg.detector_options())
+    assert det.detector_config.detections_per_img == 11
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="repghost.detection.evaluate"):
+        metrics = evaluate_detector(det, ds, ctx=ctx)
+    assert metrics["images_at_cap"] == len(ds) and "AR11" in metrics["bbox"] and "reached the detector's cap of 11" in caplog.text

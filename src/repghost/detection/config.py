@@ -72,6 +72,7 @@ class DetectTrainConfig:
     eval_every: int = 1
     log_interval: int = 10
     score_thresh: float = 0.05
+    detections_per_img: int = 100  # the detector's cap per image, and COCOeval's maxDets
     deterministic: bool = False
     max_steps_per_epoch: Optional[int] = None
     # precise BN: before every evaluation (and so in every saved detector), the backbone's trained
@@ -98,6 +99,7 @@ class DetectTrainConfig:
         need(len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1], f"scale_range must be [min, max] with 0 < min <= max, got {self.scale_range}")
         for name in ("hflip", "vflip"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} is a probability (0..1), got {getattr(self, name)}")
+        need(self.detections_per_img > 10, f"detections_per_img must be > 10 (COCOeval scores recall at 1, 10 and it), got {self.detections_per_img}")
         for name in ("epochs", "batch_size", "eval_every", "log_interval", "synthetic_images"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
@@ -125,7 +127,7 @@ class DetectTrainConfig:
         return dict(
             sizes, head_norm=self.head_norm, anchor_size=self.anchor_size, min_size=self.img_size,
             max_size=self.resolved_max_size, train_sizes=self.train_sizes, trainable_stages=self.trainable_stages, frozen_bn=self.frozen_bn,
-            score_thresh=self.score_thresh,
+            score_thresh=self.score_thresh, detections_per_img=self.detections_per_img,
         )
 
     def to_dict(self) -> Dict[str, Any]:
