@@ -572,3 +572,36 @@ def test_the_detection_cap_is_a_field_scored_by_cocoeval_and_warned_about(synth,
     with caplog.at_level(logging.WARNING, logger="repghost.detection.evaluate"):
         metrics = evaluate_detector(det, ds, ctx=ctx)
     assert metrics["images_at_cap"] == len(ds) and "AR11" in metrics["bbox"] and "reached the detector's cap of 11" in caplog.text
+
+
+def test_coco_files_without_iscrowd_area_or_sizes_are_completed_when_read(tmp_path, synth, caplog):
+    """Files from other tools often lack iscrowd, area (and image sizes): they are filled on reading,
+    so neither the first training batch nor the first evaluation fails."""
+    import logging
+
+    data = json.loads((synth / "val.json").read_text())
+    polygon_area = {a["id"]: a["area"] for a in data["annotations"]}
+    for a in data["annotations"]:
+        del a["iscrowd"], a["area"]
+    for img in data["images"][:2]:
+        del img["height"], img["width"]
+    data["annotations"][0].pop("segmentation")  # one without a mask: area from its box
+    (tmp_path / "wild.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.INFO, logger="repghost.detection.data"):
+        ds = CocoSet(tmp_path / "wild.json", synth / "images", transforms=train_transforms(hflip=0.5))
+    n = len(data["annotations"])
+    assert f"filled iscrowd of {n} annotations, area of {n} annotations, image_size of 2 images" in caplog.text
+    first = data["annotations"][0]
+    assert ds.coco.anns[first["id"]]["area"] == pytest.approx(first["bbox"][2] * first["bbox"][3])
+    for a in data["annotations"][1:]:  # the polygon's mask area, as the generator wrote it
+        assert ds.coco.anns[a["id"]]["area"] == pytest.approx(polygon_area[a["id"]], rel=0.05)
+    assert all(ds.coco.anns[a["id"]]["iscrowd"] == 0 for a in data["annotations"])
+    images, targets, bad = collate_detection([ds[i] for i in range(4)])  # the v2 wrapper reads iscrowd
+    assert bad == 0 and all(len(t["boxes"]) == len(t["labels"]) for t in targets)
+    results = []
+    for img_id in ds.ids:
+        anns = ds.coco.imgToAnns[img_id]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns])
+        labels = torch.tensor([ds.categories.label(a["category_id"]) for a in anns])
+        results += to_coco_results({"boxes": boxes, "scores": torch.ones(len(anns)), "labels": labels}, img_id, ds.categories)
+    assert coco_metrics(ds.coco, results, ds.ids, ["bbox"])["bbox"]["AP"] == pytest.approx(1.0)  # COCOeval reads area
