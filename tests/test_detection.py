@@ -605,3 +605,17 @@ def test_coco_files_without_iscrowd_area_or_sizes_are_completed_when_read(tmp_pa
         labels = torch.tensor([ds.categories.label(a["category_id"]) for a in anns])
         results += to_coco_results({"boxes": boxes, "scores": torch.ones(len(anns)), "labels": labels}, img_id, ds.categories)
     assert coco_metrics(ds.coco, results, ds.ids, ["bbox"])["bbox"]["AP"] == pytest.approx(1.0)  # COCOeval reads area
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_large", "ghostnet_050"])
+def test_export_folds_comparison_backbones(tmp_path, backbone):
+    """export_detector writes the deploy form of every backbone: no BatchNorm left in the file."""
+    from repghost.detection.export import export_detector
+
+    det = create_detector("retinanet", backbone, 3, score_thresh=0.0, **SMALL)
+    randomize_bn(det.backbone.body, seed=5)
+    export_detector(det.eval(), tmp_path / "core.pt", "torchscript")
+    scripted = torch.jit.load(str(tmp_path / "core.pt"))
+    kinds = {m.original_name for m in scripted.modules()}
+    assert "Conv2d" in kinds and not any("BatchNorm" in k for k in kinds), kinds
+    assert any(isinstance(m, _BatchNorm) for m in det.backbone.body.modules())  # the detector given is left as it was
