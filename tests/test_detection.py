@@ -619,3 +619,13 @@ def test_export_folds_comparison_backbones(tmp_path, backbone):
     kinds = {m.original_name for m in scripted.modules()}
     assert "Conv2d" in kinds and not any("BatchNorm" in k for k in kinds), kinds
     assert any(isinstance(m, _BatchNorm) for m in det.backbone.body.modules())  # the detector given is left as it was
+
+
+def test_pretrained_backbones_default_to_torchvisions_practice(synth, tmp_path):
+    scratch = _tiny_config(synth, tmp_path)
+    assert (scratch.trainable_stages, scratch.frozen_bn) == (5, False)
+    pretrained = _tiny_config(synth, tmp_path, backbone_weights="cls.safetensors")
+    assert (pretrained.trainable_stages, pretrained.frozen_bn) == (3, True)
+    assert pretrained.detector_options()["trainable_stages"] == 3 and pretrained.detector_options()["frozen_bn"] is True
+    chosen = _tiny_config(synth, tmp_path, backbone_weights="cls.safetensors", trainable_stages=5, frozen_bn=False)
+    assert (chosen.trainable_stages, chosen.frozen_bn) == (5, False)  # what the user sets is kept

@@ -36,8 +36,10 @@ class DetectTrainConfig:
     roi_batch_size: Optional[int] = None
     anchor_size: int = 32
     backbone_weights: Optional[str] = None
-    trainable_stages: int = 5
-    frozen_bn: bool = False
+    # None: torchvision's practice with pretrained weights (3 trained stages, frozen BatchNorm),
+    # else everything trained (5, False); a value given is kept
+    trainable_stages: Optional[int] = None
+    frozen_bn: Optional[bool] = None
     # data: "coco" (the four files below) or "synthetic" (generated into data_root)
     data: str = "coco"
     data_root: Optional[str] = None
@@ -81,6 +83,11 @@ class DetectTrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        pretrained = self.backbone_weights is not None
+        if self.trainable_stages is None:
+            self.trainable_stages = 3 if pretrained else 5
+        if self.frozen_bn is None:
+            self.frozen_bn = pretrained
         self._check_ranges()
 
     def _check_ranges(self) -> None:
