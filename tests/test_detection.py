@@ -5,6 +5,7 @@ Real torchvision detectors, real pycocotools, real files; small sizes so it runs
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -375,7 +376,14 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     values = _tiny_config(synth, tmp_path / "unused", epochs=1, max_steps_per_epoch=2).to_dict()
     values.pop("output")
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    report = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", backbones=("repghostnet_050", "ghostnet_050"), seeds=2, latency_rounds=3)
+    report = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", backbones=("repghostnet_050", "ghostnet_050"), seeds=2,
+                                 latency_rounds=3, overrides={"train_images": str(synth / "images")})
+    # The records carry no machine path: runs and overrides relative to the record's folder.
+    record_text = (tmp_path / "out" / "detection.json").read_text()
+    assert str(tmp_path) not in record_text and str(synth) not in record_text
+    assert report["overrides"]["train_images"] == os.path.relpath(synth / "images", tmp_path / "out")
+    finals = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*/final.json")]
+    assert len(finals) == 4 and all(f["run"] == "." for f in finals)
     assert [(r["backbone"], r["seed"]) for r in report["runs"]] == [("repghostnet_050", 0), ("repghostnet_050", 1), ("ghostnet_050", 0), ("ghostnet_050", 1)]
     for b in report["backbones"].values():
         assert b["bbox_AP50"]["n"] == 2 and b["bbox_AP50"]["std"] is not None
@@ -383,7 +391,7 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     assert [(c["metric"], c["worse"]) for c in report["comparisons"]] == [("bbox_AP50", "ghostnet_050"), ("last_bbox_AP50", "ghostnet_050")]
     assert all("verdict" in c for c in report["comparisons"])
     for r in report["runs"]:  # the last evaluation is read from the run's own records
-        last = [json.loads(line) for line in (Path(r["run"]) / "metrics.jsonl").read_text().splitlines()][-1]
+        last = [json.loads(line) for line in (tmp_path / "out" / r["run"] / "metrics.jsonl").read_text().splitlines()][-1]
         assert r["last_bbox_AP50"] == last["bbox_AP50"] and r["last_bbox_AP"] == last["bbox_AP"]
     assert (tmp_path / "out" / "detection.md").read_text().startswith("| backbone |")
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*/last.pth")}

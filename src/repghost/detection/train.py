@@ -375,7 +375,8 @@ def _finish(cfg, ctx, run_dir: Path, model: nn.Module, sets: Tuple[CocoSet, Coco
         parameters=sum(p.numel() for p in folded.parameters()),
         annotation_report={"train": train_set.report.to_dict(), "val": val_set.report.to_dict()},
     )
-    text = json.dumps(summary, indent=2)
+    # The record holds no machine path: its run folder is the folder it lies in.
+    text = json.dumps(dict(summary, run="."), indent=2)
     atomic_write(run_dir / FINAL, lambda tmp: Path(tmp).write_text(text))
     if not math.isfinite(diff):
         raise RuntimeError("the folded detector produced non-finite boxes")
