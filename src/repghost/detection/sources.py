@@ -10,8 +10,8 @@ to COCO instances JSON and cached under ``<cache>/<name>/``:
 * ``terrain`` (sahi==0.12.8 source archive, MIT): one landscape photo with 5 car polygons, whose wrong
   ``area`` values are recomputed, ``annotations.json``.
 
-A set folder appears in one rename once it is complete (it is built in a hidden ``.<name>.partial-*``
-folder beside it), so an interrupted fetch never leaves a half set; its ``meta.json`` records where it
+A set folder appears in one rename once it is complete (:func:`repghost.files.published_folder`: it is
+built in a hidden ``.<name>.partial-*`` folder beside it), so an interrupted fetch never leaves a half set; its ``meta.json`` records where it
 came from and is what a later call checks before returning the cached copy without touching the network.
 """
 
@@ -27,18 +27,16 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import uuid
 import xml.etree.ElementTree as ET
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-from repghost.files import atomic_write
+from repghost.files import atomic_write, published_folder
 
 __all__ = ["SOURCES", "DownloadError", "fetch", "fetch_deepforest", "fetch_quokka", "fetch_terrain", "default_cache"]
 
@@ -129,38 +127,6 @@ def _cached(folder: Path, want: Dict[str, Any]) -> bool:
     """Whether ``folder`` is a complete set whose ``meta.json`` agrees with ``want`` on every key."""
     meta = _read_meta(folder)
     return meta is not None and all(meta.get(k) == v for k, v in want.items())
-
-
-@contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside ``target``; renamed to ``target`` when the block ends without error."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()  # mode 0o777 less the umask, as for any folder
-    try:
-        yield staging
-        _fsync_tree(staging)
-        if target.exists():  # an older set (other options): move it aside, then drop it
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            os.rename(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under ``root`` to disk, so the rename never publishes empty files after a crash."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -425,7 +391,7 @@ def fetch_deepforest(cache: Path, *, tile: int = 400, overlap: int = 100, min_vi
         log.info("deepforest: the cached set %s was made with other options or an older format (%s); rebuilding it",
                  target, {k: old.get(k) for k in want if old.get(k) != want[k]})
 
-    with _staged(target) as out:
+    with published_folder(target) as out:
         wheel = _pip_download(spec, out / ".download")
         folder = "deepforest/data"
         with zipfile.ZipFile(wheel) as zf:
@@ -554,7 +520,7 @@ def fetch_quokka(cache: Path) -> Path:
     if _cached(target, want):
         log.info("quokka: using cached set %s", target)
         return target
-    with _staged(target) as out:
+    with published_folder(target) as out:
         wheel = _pip_download(spec, out / ".download")
         with zipfile.ZipFile(wheel) as zf:
             jpg = zf.read("imgaug/quokka.jpg")
@@ -599,7 +565,7 @@ def fetch_terrain(cache: Path) -> Path:
     if _cached(target, want):
         log.info("terrain: using cached set %s", target)
         return target
-    with _staged(target) as out:
+    with published_folder(target) as out:
         sdist = _pip_download(spec, out / ".download", sdist=True)
         with tarfile.open(sdist, "r:gz") as tf:
             json_member = next((m for m in tf.getnames() if m.endswith("/demo/demo_data/terrain2_coco.json")), None)

@@ -23,8 +23,9 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,11 +41,14 @@ from ..training.logs import RunLog
 from ..training.setup import configure_backends, epoch_seed, seed_all
 from ..training.config import resolve_warmup, save_config
 from .config import RUN_IDENTITY, DetectTrainConfig
-from .data import CocoSet, collate_detection, robust, train_transforms
+from .data import CategoryMap, CocoSet, collate_detection, robust, train_transforms
 from .evaluate import evaluate_detector
 from .files import categories_to_dict, save_detector
 from .models import create_detector, fold_detector
 from .precise_bn import precise_bn_subset, recompute_bn_statistics
+
+if TYPE_CHECKING:
+    from ..training.loop import TrainCallbacks
 
 __all__ = ["train_detector", "epoch_loader", "resume_detect_config", "BEST_DETECTOR", "DEPLOY_DETECTOR", "detection_files", "fold_and_check"]
 
@@ -182,7 +186,25 @@ def fold_and_check(model: nn.Module, images: list, *, rtol: float = 1e-3) -> Tup
     return folded, worst
 
 
-def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler, epoch, runlog, steps, last_path) -> Dict[str, Any]:
+@dataclass
+class DetectRun:
+    """What one detection run trains with, besides its config and process context: the model (and
+    ``forward``, its DDP wrapper or itself), what updates it, the optimizer steps per epoch, and the
+    checkpoint a non-finite loss points back to. The detection counterpart of the classification
+    trainer's :class:`repghost.training.setup.Optimization`."""
+
+    model: nn.Module
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a timm scheduler, stepped per update
+    scaler: torch.amp.GradScaler
+    steps: int
+    last_path: Path
+
+
+def _train_epoch(cfg: DetectTrainConfig, ctx: DistContext, run: DetectRun, loader: DataLoader, epoch: int, runlog: RunLog) -> Dict[str, Any]:
+    model, forward, optimizer, scheduler, scaler = run.model, run.forward, run.optimizer, run.scheduler, run.scaler
+    steps, last_path = run.steps, run.last_path
     forward.train()
     totals: Dict[str, float] = {}
     images_seen = skipped = dropped = done = 0
@@ -257,11 +279,11 @@ def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler,
     return record
 
 
-def train_detector(cfg: DetectTrainConfig, *, resume: bool = False, callbacks: Any = None) -> Dict[str, Any]:
+def train_detector(cfg: DetectTrainConfig, *, resume: bool = False, callbacks: Optional[TrainCallbacks] = None) -> Dict[str, Any]:
     """Train (or resume) a detector run; returns the final summary (also ``final.json``).
 
-    ``callbacks``: as for :func:`repghost.training.loop.train` (``on_epoch_start``, ``on_step``,
-    ``on_epoch_end``), e.g. the CLI's progress bar.
+    ``callbacks``: :class:`repghost.training.loop.TrainCallbacks`, as for the classification trainer
+    (``on_epoch_start``, ``on_step``, ``on_epoch_end``), e.g. the CLI's progress bar.
     """
     if cfg.device is not None and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but this machine has no CUDA GPU; drop --device or use cpu")
@@ -272,7 +294,7 @@ def train_detector(cfg: DetectTrainConfig, *, resume: bool = False, callbacks: A
         shutdown()
 
 
-def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: Any) -> Dict[str, Any]:
+def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: Optional[TrainCallbacks]) -> Dict[str, Any]:
     configure_backends(ctx.device, cfg.deterministic)
     if cfg.output is None:  # set before the data: --data synthetic writes its set inside the run folder
         cfg.output = str(Path("runs") / f"{cfg.detector}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -319,13 +341,14 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: An
     if ctx.distributed:
         forward = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     categories = train_set.categories
+    run = DetectRun(model, forward, optimizer, scheduler, scaler, steps, last_path)
     with RunLog(run_dir, ctx, epochs=cfg.epochs, tensorboard=False, callbacks=callbacks) as runlog:
         for epoch in range(start, cfg.epochs):
             started = time.perf_counter()
             loader = epoch_loader(cfg, ctx, train_set, epoch)  # this epoch's randomness, and nothing else's
             runlog.epoch_start(epoch, steps)
             record: Dict[str, Any] = {"epoch": epoch}
-            record.update(_train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler, epoch, runlog, steps, last_path))
+            record.update(_train_epoch(cfg, ctx, run, loader, epoch, runlog))
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 if bn_set is not None:  # precise BN: every backbone's statistics current, and computed the same way
                     recompute_bn_statistics(model, bn_set, ctx=ctx, batch_size=cfg.batch_size, workers=cfg.workers)
@@ -351,7 +374,8 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: An
     return _finish(cfg, ctx, run_dir, model, (train_set, val_set), best, categories)
 
 
-def _finish(cfg, ctx, run_dir: Path, model: nn.Module, sets: Tuple[CocoSet, CocoSet], best: Dict[str, Any], categories) -> Dict[str, Any]:
+def _finish(cfg: DetectTrainConfig, ctx: DistContext, run_dir: Path, model: nn.Module, sets: Tuple[CocoSet, CocoSet],
+            best: Dict[str, Any], categories: CategoryMap) -> Dict[str, Any]:
     """Fold the best weights into ``deploy.safetensors`` (checked on validation images) and write ``final.json``."""
     from .files import load_detector
 
