@@ -642,3 +642,23 @@ def test_pretrained_backbones_default_to_torchvisions_practice(synth, tmp_path):
     assert pretrained.detector_options()["trainable_stages"] == 3 and pretrained.detector_options()["frozen_bn"] is True
     chosen = _tiny_config(synth, tmp_path, backbone_weights="cls.safetensors", trainable_stages=5, frozen_bn=False)
     assert (chosen.trainable_stages, chosen.frozen_bn) == (5, False)  # what the user sets is kept
+
+
+@pytest.mark.slow
+def test_a_short_synthetic_run_fits_its_images(tmp_path):
+    """A short run must learn: box AP50 on its own 8 training images above a floor, so a broken recipe,
+    geometry, label mapping or evaluation fails here (an untrained detector scores about 0.01). Then
+    `detect eval` of the deploy file on the same images reproduces the fit the run recorded."""
+    from repghost.detection.evaluate import evaluate_detector
+    from repghost.training.distributed import DistContext
+
+    root = make_synthetic_coco(tmp_path / "data", train_images=8, val_images=0, size=96, seed=3)
+    cfg = _tiny_config(root, tmp_path / "run", val_ann=str(root / "train.json"), head_norm=True, anchor_size=16,
+                       scale_range=[0.9, 1.1], epochs=60, opt="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=2.0,
+                       eval_every=60, precise_bn_images=8)
+    final = train_detector(cfg)  # 2 steps an epoch: 120 steps
+    assert final["best"]["bbox_AP50"] >= 0.5, final["best"]
+    deploy, _, _ = load_detector(tmp_path / "run" / "deploy.safetensors")
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    again = evaluate_detector(deploy, CocoSet(root / "train.json", root / "images"), ctx=ctx)
+    assert again["bbox"]["AP50"] == pytest.approx(final["best"]["bbox_AP50"], abs=0.02)

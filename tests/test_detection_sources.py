@@ -16,6 +16,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from repghost.detection import sources
+from repghost.detection.sources import common
+from repghost.detection.sources import deepforest as deepforest_source
 from repghost.detection.sources import DownloadError, fetch, fetch_deepforest, fetch_quokka
 
 # pycocotools' mask decoding (annToMask) trips a NumPy 2 deprecation inside pycocotools itself.
@@ -86,7 +88,7 @@ def test_deepforest_split_shares_no_source_image_and_tiles_overlap(deepforest: P
         assert sorted({i["source_image"] for i in coco["images"]}) == meta["splits"][split]["source_images"]
         assert sorted({i["site"] for i in coco["images"]}) == meta["splits"][split]["sites"]
     assert not {i["source_image"] for i in train["images"]} & {i["source_image"] for i in val["images"]}
-    assert all(sources._site(i["source_image"]) == i["site"] for i in train["images"] + val["images"])
+    assert all(deepforest_source._site(i["source_image"]) == i["site"] for i in train["images"] + val["images"])
     # Source images sorted by name; target 0.3 * 951 = 285.3 boxes: the 574-box crop overshoots, the
     # 279-box crop gets closest, and adding OSBS (61) or SOAP (37) would move val away again.
     assert meta["splits"]["val"]["source_images"] == ["2019_YELL_2_541000_4977000_image_crop.png"]
@@ -270,35 +272,35 @@ def test_default_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_tiling_and_site_helpers() -> None:
-    assert sources._tile_spans(1249, 400, 100) == [(0, 400), (283, 400), (566, 400), (849, 400)]
-    assert sources._tile_spans(700, 400, 100) == [(0, 400), (300, 400)]
-    assert sources._tile_spans(800, 400, 0) == [(0, 400), (400, 400)]
-    assert sources._tile_spans(300, 400, 100) == [(0, 300)]
-    assert sources._tile_spans(400, 400, 100) == [(0, 400)]
+    assert deepforest_source._tile_spans(1249, 400, 100) == [(0, 400), (283, 400), (566, 400), (849, 400)]
+    assert deepforest_source._tile_spans(700, 400, 100) == [(0, 400), (300, 400)]
+    assert deepforest_source._tile_spans(800, 400, 0) == [(0, 400), (400, 400)]
+    assert deepforest_source._tile_spans(300, 400, 100) == [(0, 300)]
+    assert deepforest_source._tile_spans(400, 400, 100) == [(0, 400)]
     for size in (401, 1035, 2299, 2472):
         for overlap in (0, 50, 100):
-            spans = sources._tile_spans(size, 400, overlap)
+            spans = deepforest_source._tile_spans(size, 400, overlap)
             assert spans[0][0] == 0 and spans[-1][0] + spans[-1][1] == size and all(length == 400 for _, length in spans)
             shared = [a + 400 - b for (a, _), (b, _) in zip(spans, spans[1:])]
             assert min(shared) >= overlap, (size, overlap, shared)
-            assert len(spans) == 1 or len(sources._tile_spans(size, 400, overlap)) == 1 + -(-(size - 400) // (400 - overlap))
+            assert len(spans) == 1 or len(deepforest_source._tile_spans(size, 400, overlap)) == 1 + -(-(size - 400) // (400 - overlap))
     with pytest.raises(ValueError):
-        sources._tile_spans(0, 400)
+        deepforest_source._tile_spans(0, 400)
     with pytest.raises(ValueError, match="overlap"):
-        sources._tile_spans(800, 400, 400)
-    assert sources._site("2019_YELL_2_528000_4978000_image_crop2.png") == "YELL"
-    assert sources._site("OSBS_029.tif") == "OSBS"
-    assert sources._site("image_crop.png") is None
-    assert sources._split_groups({"OSBS": 61, "SOAP": 37, "YELL": 853}, 0.3) == ["OSBS", "SOAP"]
-    assert sources._split_groups({name: boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items()}, 0.3) == [
+        deepforest_source._tile_spans(800, 400, 400)
+    assert deepforest_source._site("2019_YELL_2_528000_4978000_image_crop2.png") == "YELL"
+    assert deepforest_source._site("OSBS_029.tif") == "OSBS"
+    assert deepforest_source._site("image_crop.png") is None
+    assert deepforest_source._split_groups({"OSBS": 61, "SOAP": 37, "YELL": 853}, 0.3) == ["OSBS", "SOAP"]
+    assert deepforest_source._split_groups({name: boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items()}, 0.3) == [
         "2019_YELL_2_541000_4977000_image_crop.png"]
-    assert sources._split_groups({"A": 900, "B": 100}, 0.3) == ["B"]
-    assert sources._split_groups({"A": 50, "B": 60}, 0.9) == ["A"]  # one group always stays in train
+    assert deepforest_source._split_groups({"A": 900, "B": 100}, 0.3) == ["B"]
+    assert deepforest_source._split_groups({"A": 50, "B": 60}, 0.9) == ["A"]  # one group always stays in train
 
 
 def test_overlapping_tiles_label_visible_crowns_and_mark_remainders_crowd() -> None:
     """A 700x300 region cut into two 400 px tiles overlapping by 100 px (x 0-400 and 300-700)."""
-    B = sources._Box
+    B = deepforest_source._Box
     boxes = [
         B(310, 10, 390, 60),    # inside the overlap: a whole label in both tiles
         B(350, 100, 450, 150),  # half in the first tile, whole in the second
@@ -306,35 +308,35 @@ def test_overlapping_tiles_label_visible_crowns_and_mark_remainders_crowd() -> N
         B(10, 10, 50, 50),      # first tile only
         B(399.5, 250, 420, 290),  # a 0.5 px sliver in the first tile: not there at all
     ]
-    tiles = sources._tile_annotations(700, 300, boxes, tile=400, overlap=100, min_visibility=0.5)
+    tiles = deepforest_source._tile_annotations(700, 300, boxes, tile=400, overlap=100, min_visibility=0.5)
     assert [(t["x0"], t["y0"], t["width"], t["height"]) for t in tiles] == [(0, 0, 400, 300), (300, 0, 400, 300)]
     first, second = ({tuple(b): crowd for b, crowd in t["boxes"]} for t in tiles)
     assert first == {(310, 10, 80, 50): 0, (350, 100, 50, 50): 0, (380, 200, 20, 60): 1, (10, 10, 40, 40): 0}
     assert second == {(10, 10, 80, 50): 0, (50, 100, 100, 50): 0, (80, 200, 100, 60): 0, (99.5, 250, 20.5, 40): 0}
     # A stricter threshold turns the half-visible crown into a crowd region; every crown stays labelled somewhere.
-    strict = sources._tile_annotations(700, 300, boxes, tile=400, overlap=100, min_visibility=0.6)
+    strict = deepforest_source._tile_annotations(700, 300, boxes, tile=400, overlap=100, min_visibility=0.6)
     assert {tuple(b): c for b, c in strict[0]["boxes"]}[(350, 100, 50, 50)] == 1
     # A region's origin moves the tiles, not the boxes' reference: tile pixels stay relative to the tile.
-    moved = sources._tile_annotations(400, 300, boxes, tile=400, overlap=100, min_visibility=0.5, origin=(300, 0))
+    moved = deepforest_source._tile_annotations(400, 300, boxes, tile=400, overlap=100, min_visibility=0.5, origin=(300, 0))
     assert [(t["x0"], t["y0"]) for t in moved] == [(300, 0)] and moved[0]["boxes"] == tiles[1]["boxes"]
-    assert sources._tune_band(2299, 2472, 400, 0.25) == (1854, 618)
-    assert sources._tune_band(400, 400, 400, 0.25) is None and sources._tune_band(2299, 2472, 400, 0.0) is None
+    assert deepforest_source._tune_band(2299, 2472, 400, 0.25) == (1854, 618)
+    assert deepforest_source._tune_band(400, 400, 400, 0.25) is None and deepforest_source._tune_band(2299, 2472, 400, 0.0) is None
 
 
 def test_an_older_cached_layout_is_rebuilt_not_reused(tmp_path: Path) -> None:
     folder = tmp_path / "deepforest"
     folder.mkdir()
-    want = sources._deepforest_want(400, 100, 0.5, 0.3, 0.25)
+    want = deepforest_source._deepforest_want(400, 100, 0.5, 0.3, 0.25)
     (folder / "meta.json").write_text(json.dumps({**want, "format": 2}))  # the non-overlapping tiles of format 2
-    assert not sources._cached(folder, want)
+    assert not common._cached(folder, want)
     (folder / "meta.json").write_text(json.dumps(want))
-    assert sources._cached(folder, want)
+    assert common._cached(folder, want)
 
 
 def test_to_rgb_converts_16_bit_and_alpha() -> None:
     grey16 = Image.fromarray(np.array([[0, 65535], [257, 32896]], dtype=np.uint16))
     assert grey16.mode.startswith("I;16")
-    rgb = np.asarray(sources._to_rgb(grey16))
+    rgb = np.asarray(common._to_rgb(grey16))
     assert rgb.shape == (2, 2, 3) and rgb[..., 0].tolist() == [[0, 255], [1, 128]]
     rgba = Image.fromarray(np.array([[[200, 100, 50, 0], [200, 100, 50, 255]]], dtype=np.uint8), "RGBA")
-    assert np.asarray(sources._to_rgb(rgba)).tolist() == [[[0, 0, 0], [200, 100, 50]]]
+    assert np.asarray(common._to_rgb(rgba)).tolist() == [[[0, 0, 0], [200, 100, 50]]]

@@ -1,174 +1,26 @@
-"""Small real COCO-format detection sets, taken from data files that PyPI packages ship.
-
-Each set is fetched once with ``python -m pip download --no-deps`` (nothing is installed), converted
-to COCO instances JSON and cached under ``<cache>/<name>/``:
-
-* ``deepforest`` (deepforest==2.1.0, MIT): 4 aerial RGB scenes from NEON sites with 951 tree-crown
-  boxes in Pascal-VOC XML, cut into overlapping tiles and split by source image (scene) into
-  ``train.json`` / ``val.json``, and the training scenes into ``fit.json`` / ``tune.json`` (recipe choice).
-* ``quokka`` (imgaug==0.4.0, MIT): one photo and one 39-vertex polygon, ``annotations.json``.
-* ``terrain`` (sahi==0.12.8 source archive, MIT): one landscape photo with 5 car polygons, whose wrong
-  ``area`` values are recomputed, ``annotations.json``.
-
-A set folder appears in one rename once it is complete (:func:`repghost.files.published_folder`: it is
-built in a hidden ``.<name>.partial-*`` folder beside it), so an interrupted fetch never leaves a half set; its ``meta.json`` records where it
-came from and is what a later call checks before returning the cached copy without touching the network.
-"""
+"""``deepforest``: tree crowns from the deepforest==2.1.0 wheel, as overlapping tiles split by scene."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import os
 import re
 import shutil
-import subprocess
-import sys
-import tarfile
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 from PIL import Image
 
-from repghost.files import atomic_write, published_folder
+from repghost.files import published_folder
 
-__all__ = ["SOURCES", "DownloadError", "fetch", "fetch_deepforest", "fetch_quokka", "fetch_terrain", "default_cache"]
+from .common import _FORMAT, SOURCES, _cached, _coco_skeleton, _pip_download, _read_meta, _to_rgb, _write_json
 
 log = logging.getLogger(__name__)
 
-#: What each set is made from. ``package`` is the exact ``pip download`` requirement.
-SOURCES: Dict[str, Dict[str, str]] = {
-    "deepforest": {
-        "package": "deepforest==2.1.0",
-        "archive": "wheel",
-        "license": "MIT",
-        "contains": "deepforest/data/: 4 annotated aerial RGB images (separate scenes) from NEON sites YELL, OSBS, "
-                    "SOAP with 951 tree-crown boxes (Pascal-VOC XML; the CSVs repeat or subset them), cut into "
-                    "overlapping tiles and split by source image",
-        "categories": "tree",
-    },
-    "quokka": {
-        "package": "imgaug==0.4.0",
-        "archive": "wheel",
-        "license": "MIT",
-        "contains": "imgaug/quokka.jpg (960x643) and the 39-vertex outline polygon from imgaug/quokka_annotations.json",
-        "categories": "quokka",
-    },
-    "terrain": {
-        "package": "sahi==0.12.8",
-        "archive": "sdist",
-        "license": "MIT",
-        "contains": "demo/demo_data/terrain2.png (1024x682) with 5 car polygons from terrain2_coco.json "
-                    "(areas recomputed: the file gives the image area for every car)",
-        "categories": "car",
-    },
-}
-
-class DownloadError(RuntimeError):
-    """``pip download`` could not fetch a source package (no network to PyPI, timeout, no pip)."""
-
-
-_FORMAT = 3  # 3: overlapping deepforest tiles with iscrowd remainders, fit/tune splits. Bump when the written layout changes, so old caches are rebuilt
-_PIP_TIMEOUT_S = 600
-
-
-def default_cache() -> Path:
-    """``$REPGHOST_DATA`` if set, else ``~/.cache/repghost/data``."""
-    env = os.environ.get("REPGHOST_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "repghost" / "data"
-
-
-def fetch(name: str, cache: Path) -> Path:
-    """Fetch set ``name`` (a key of :data:`SOURCES`) into ``cache`` with default options; its folder."""
-    fetchers = {"deepforest": fetch_deepforest, "quokka": fetch_quokka, "terrain": fetch_terrain}
-    if name not in fetchers:
-        raise ValueError(f"unknown detection source {name!r}; known: {', '.join(sorted(fetchers))}")
-    return fetchers[name](Path(cache))
-
-
-# ----------------------------------------------------------------------------------------------- plumbing
-
-def _pip_download(spec: str, dest: Path, *, sdist: bool = False) -> Path:
-    """``pip download --no-deps spec`` into ``dest`` (a wheel, or the source archive); the archive's path."""
-    dest.mkdir(parents=True, exist_ok=True)
-    binary = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           *binary, "-d", str(dest), spec]
-    hint = (f"Fetching {spec} needs network access to PyPI (or a mirror set with PIP_INDEX_URL / PIP_FIND_LINKS). "
-            f"Offline, copy a folder made by an earlier fetch into the cache folder (see repghost.detection."
-            f"sources.default_cache, $REPGHOST_DATA) and pass that cache.")
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        raise DownloadError(f"`pip download {spec}` did not finish in {_PIP_TIMEOUT_S} s. {hint}") from e
-    except OSError as e:
-        raise DownloadError(f"could not run pip ({sys.executable} -m pip): {e}. {hint}") from e
-    archives = sorted(p for p in dest.iterdir() if p.name.endswith((".whl", ".tar.gz", ".zip")))
-    if done.returncode != 0 or not archives:
-        tail = "\n".join((done.stderr or done.stdout or "").strip().splitlines()[-6:])
-        raise DownloadError(f"`pip download --no-deps {spec}` failed (exit code {done.returncode}):\n{tail}\n{hint}")
-    return archives[0]
-
-
-def _read_meta(folder: Path) -> Optional[Dict[str, Any]]:
-    try:
-        return json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _cached(folder: Path, want: Dict[str, Any]) -> bool:
-    """Whether ``folder`` is a complete set whose ``meta.json`` agrees with ``want`` on every key."""
-    meta = _read_meta(folder)
-    return meta is not None and all(meta.get(k) == v for k, v in want.items())
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-    atomic_write(path, write)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB: 16-bit greys scaled by 1/257, 32-bit int/float stretched min..max, alpha composited on black."""
-    if img.mode.startswith("I;16"):
-        a = np.asarray(img, dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _polygon_area(segmentation: Sequence[Sequence[float]], height: int, width: int) -> int:
-    """Pixel count of the polygon(s) rasterised by pycocotools (the COCO definition of ``area``)."""
-    from pycocotools import mask as mask_utils
-
-    rles = mask_utils.frPyObjects([list(map(float, p)) for p in segmentation], height, width)
-    return int(mask_utils.area(mask_utils.merge(rles)))
-
-
-def _polygon_bbox(segmentation: Sequence[Sequence[float]]) -> List[float]:
-    xs = [float(v) for p in segmentation for v in p[0::2]]
-    ys = [float(v) for p in segmentation for v in p[1::2]]
-    return [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
-
-
-# ----------------------------------------------------------------------------------------------- deepforest
 
 @dataclass(frozen=True)
 class _Box:
@@ -497,126 +349,4 @@ def fetch_deepforest(cache: Path, *, tile: int = 400, overlap: int = 100, min_vi
                  meta["source_boxes"], meta["splits"]["train"]["images"], meta["splits"]["train"]["boxes"],
                  meta["splits"]["train"]["crowd"], meta["splits"]["val"]["images"], meta["splits"]["val"]["boxes"],
                  meta["splits"]["val"]["crowd"], meta["holdout"]["fit"]["images"], meta["holdout"]["tune"]["images"], invalid)
-    return target
-
-
-def _coco_skeleton(category: str) -> Dict[str, Any]:
-    return {"images": [], "annotations": [], "categories": [{"id": 1, "name": category, "supercategory": category}]}
-
-
-# ----------------------------------------------------------------------------------------------- quokka
-
-def fetch_quokka(cache: Path) -> Path:
-    """The imgaug==0.4.0 quokka photo with its outline polygon as a one-image COCO set.
-
-    ``imgaug/quokka_annotations.json`` gives the polygon as 39 ``{x, y}`` vertices in pixels of the
-    960x643 ``quokka.jpg`` (x to the right, y down; one vertex is repeated, kept as shipped). Writes
-    ``images/quokka.jpg`` (the original bytes), ``annotations.json`` (bbox from the polygon, ``area`` its
-    pycocotools mask area) and ``meta.json`` under ``cache/quokka``; returns that folder.
-    """
-    spec = SOURCES["quokka"]["package"]
-    target = Path(cache) / "quokka"
-    want = {"format": _FORMAT, "source": spec}
-    if _cached(target, want):
-        log.info("quokka: using cached set %s", target)
-        return target
-    with published_folder(target) as out:
-        wheel = _pip_download(spec, out / ".download")
-        with zipfile.ZipFile(wheel) as zf:
-            jpg = zf.read("imgaug/quokka.jpg")
-            ann = json.loads(zf.read("imgaug/quokka_annotations.json"))
-        shutil.rmtree(out / ".download")
-        with Image.open(io.BytesIO(jpg)) as img:
-            width, height = img.size
-        vertices = [(float(p["x"]), float(p["y"])) for p in ann["polygons"][0]["keypoints"]]
-        if not all(0 <= x <= width and 0 <= y <= height for x, y in vertices):
-            raise RuntimeError(f"{spec}: the quokka polygon leaves the {width}x{height} image")
-        segmentation = [[v for xy in vertices for v in xy]]
-        coco = _coco_skeleton("quokka")
-        coco["images"].append({"id": 1, "file_name": "quokka.jpg", "width": width, "height": height})
-        coco["annotations"].append({"id": 1, "image_id": 1, "category_id": 1, "segmentation": segmentation,
-                                    "bbox": _polygon_bbox(segmentation),
-                                    "area": float(_polygon_area(segmentation, height, width)), "iscrowd": 0})
-        (out / "images").mkdir()
-        (out / "images" / "quokka.jpg").write_bytes(jpg)
-        _write_json(out / "annotations.json", coco)
-        _write_json(out / "meta.json", {**want, "license": SOURCES["quokka"]["license"],
-                                        "archive_files": ["imgaug/quokka.jpg", "imgaug/quokka_annotations.json"],
-                                        "vertices": len(vertices)})
-        log.info("quokka: %dx%d image, polygon of %d vertices, mask area %d px", width, height, len(vertices),
-                 coco["annotations"][0]["area"])
-    return target
-
-
-# ----------------------------------------------------------------------------------------------- terrain
-
-def fetch_terrain(cache: Path) -> Path:
-    """The sahi==0.12.8 demo image ``terrain2.png`` with its 5 car polygons as a COCO set.
-
-    The source archive (the wheel has no demo data) ships ``demo/demo_data/terrain2_coco.json``, whose
-    every ``area`` is 698368 = 1024 x 682, the image's area. Each ``area`` is recomputed as the
-    polygon's pycocotools mask area and ``bbox`` is set to the polygon's extent where it differs; both
-    fixes are logged and listed in ``meta.json``. Images are written as 8-bit RGB PNG (the shipped one
-    is palette-coded) to ``images/``; returns ``cache/terrain``.
-    """
-    spec = SOURCES["terrain"]["package"]
-    target = Path(cache) / "terrain"
-    want = {"format": _FORMAT, "source": spec}
-    if _cached(target, want):
-        log.info("terrain: using cached set %s", target)
-        return target
-    with published_folder(target) as out:
-        sdist = _pip_download(spec, out / ".download", sdist=True)
-        with tarfile.open(sdist, "r:gz") as tf:
-            json_member = next((m for m in tf.getnames() if m.endswith("/demo/demo_data/terrain2_coco.json")), None)
-            if json_member is None:
-                raise RuntimeError(f"{sdist.name} has no demo/demo_data/terrain2_coco.json")
-            prefix = json_member[: -len("terrain2_coco.json")]
-
-            def read(name: str) -> bytes:
-                f = tf.extractfile(prefix + name)
-                if f is None:
-                    raise RuntimeError(f"{sdist.name}: {prefix + name} is not a file")
-                return f.read()
-
-            coco = json.loads(read("terrain2_coco.json"))
-            archive_files = [json_member]
-            (out / "images").mkdir()
-            fixes: List[Dict[str, Any]] = []
-            sizes: Dict[int, Tuple[int, int]] = {}
-            for entry in coco["images"]:
-                name = Path(entry["file_name"]).name  # no folders from the archive's JSON
-                archive_files.append(prefix + name)
-                with Image.open(io.BytesIO(read(name))) as img:
-                    img.load()
-                    if img.size != (entry["width"], entry["height"]):
-                        fixes.append({"image_id": entry["id"], "field": "width/height",
-                                      "was": [entry["width"], entry["height"]], "now": list(img.size)})
-                    entry["width"], entry["height"] = img.size
-                    out_name = Path(name).stem + ".png"
-                    _to_rgb(img).save(out / "images" / out_name)
-                entry["file_name"] = out_name
-                sizes[entry["id"]] = (entry["height"], entry["width"])
-        shutil.rmtree(out / ".download")
-        for ann in coco["annotations"]:
-            seg = ann["segmentation"]
-            if not isinstance(seg, list):
-                raise RuntimeError(f"{spec}: annotation {ann['id']} has no polygon segmentation")
-            height, width = sizes[ann["image_id"]]
-            area = float(_polygon_area(seg, height, width))
-            if ann.get("area") != area:
-                fixes.append({"annotation_id": ann["id"], "field": "area", "was": ann.get("area"), "now": area})
-                ann["area"] = area
-            bbox = _polygon_bbox(seg)
-            if any(abs(float(a) - b) > 1e-6 for a, b in zip(ann.get("bbox", [0, 0, 0, 0]), bbox)):
-                fixes.append({"annotation_id": ann["id"], "field": "bbox", "was": ann.get("bbox"), "now": bbox})
-            ann["bbox"] = bbox
-            ann.setdefault("iscrowd", 0)
-        for fix in fixes:
-            log.info("terrain: fixed %s", fix)
-        _write_json(out / "annotations.json", coco)
-        _write_json(out / "meta.json", {**want, "license": SOURCES["terrain"]["license"],
-                                        "archive_files": archive_files,
-                                        "images": len(coco["images"]), "annotations": len(coco["annotations"]),
-                                        "fixed": fixes})
     return target
