@@ -5,6 +5,7 @@ Real torchvision detectors, real pycocotools, real files; small sizes so it runs
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def _awkward_set(tmp: Path, synth: Path) -> Path:
 
 def test_awkward_annotations_are_counted_and_handled(tmp_path, synth):
     root = _awkward_set(tmp_path, synth)
-    ds = CocoSet(root / "ann.json", root / "images", masks=True, transforms=train_transforms(96, scale_range=(1.0, 1.0), hflip=0.0))
+    ds = CocoSet(root / "ann.json", root / "images", masks=True, transforms=train_transforms(hflip=0.0))
     r = ds.report
     assert (r.crowd, r.degenerate, r.clipped, r.missing_images, r.images_without_annotations) == (1, 1, 1, 1, 3)  # empty, gone and broken have none
     assert ds.categories.ids == (3, 7, 11)  # the file's gapped ids
@@ -238,6 +239,26 @@ def _tiny_config(synth: Path, out: Path, **kw):
     return load_detect_config(None, values)
 
 
+def test_seeds_draw_independent_epochs(tmp_path, synth):
+    """Seed k+1 at epoch e must not replay seed k at epoch e+1 (sample order, augmentation seeds)."""
+    from repghost.detection.train import epoch_loader
+    from repghost.training.distributed import DistContext
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train = CocoSet(synth / "train.json", synth / "images")
+
+    def draws(seed, epoch):
+        loader = epoch_loader(_tiny_config(synth, tmp_path, seed=seed), ctx, train, epoch)
+        main_rng = torch.rand(4).tolist()  # what the main process's augmentation and size jitter draw from
+        return list(loader.sampler), loader.generator.initial_seed(), main_rng
+
+    for epoch in range(4):
+        a, b = draws(0, epoch + 1), draws(1, epoch)
+        assert a[0] != b[0], f"seed 1, epoch {epoch} replays seed 0's sample order of epoch {epoch + 1}"
+        assert a[1] != b[1] and a[2] != b[2], f"seed 1, epoch {epoch} replays seed 0's augmentation of epoch {epoch + 1}"
+    assert draws(0, 2) == draws(0, 2)  # and an epoch's draws depend on (seed, epoch) alone
+
+
 class _KillInSecondEpoch:
     """Progress callbacks that stop the run in the middle of its second epoch, as a kill would."""
 
@@ -256,14 +277,19 @@ class _KillInSecondEpoch:
 
 @pytest.mark.slow
 def test_a_resumed_run_makes_the_same_updates(tmp_path, synth):
-    straight = train_detector(_tiny_config(synth, tmp_path / "straight"))
-    assert straight["best_epoch"] in (0, 1)
+    # workers=2, the study's setting: augmentation runs in loader processes seeded from the epoch's generator.
+    straight = train_detector(_tiny_config(synth, tmp_path / "straight", workers=2))
+    evaluated = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["bbox_AP"] for r in evaluated]
+    assert straight["best_epoch"] == scores.index(max(scores))  # the first epoch with the highest box AP
+    assert [r["epoch"] for r in evaluated if r.get("best")][-1] == straight["best_epoch"]
+    assert straight["best"]["bbox_AP50"] == evaluated[straight["best_epoch"]]["bbox_AP50"]
     with pytest.raises(KeyboardInterrupt):
-        train_detector(_tiny_config(synth, tmp_path / "split"), callbacks=_KillInSecondEpoch())
+        train_detector(_tiny_config(synth, tmp_path / "split", workers=2), callbacks=_KillInSecondEpoch())
     assert torch.load(tmp_path / "split" / "last.pth", weights_only=True)["epoch"] == 1
     with pytest.raises(Exception, match="already holds a run"):
-        train_detector(_tiny_config(synth, tmp_path / "split"))
-    train_detector(_tiny_config(synth, tmp_path / "split"), resume=True)
+        train_detector(_tiny_config(synth, tmp_path / "split", workers=2))
+    train_detector(_tiny_config(synth, tmp_path / "split", workers=2), resume=True)
     a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -279,7 +305,7 @@ def test_a_resumed_run_makes_the_same_updates(tmp_path, synth):
     assert len(x["boxes"]) == len(y["boxes"])
     torch.testing.assert_close(x["boxes"], y["boxes"], atol=2e-3, rtol=0)
     with pytest.raises(Exception, match="cannot change"):
-        train_detector(_tiny_config(synth, tmp_path / "split", epochs=3, backbone="repghostnet_100"), resume=True)
+        train_detector(_tiny_config(synth, tmp_path / "split", epochs=3, backbone="repghostnet_100", workers=2), resume=True)
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, synth):
@@ -355,7 +381,14 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     values = _tiny_config(synth, tmp_path / "unused", epochs=1, max_steps_per_epoch=2).to_dict()
     values.pop("output")
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    report = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", backbones=("repghostnet_050", "ghostnet_050"), seeds=2, latency_rounds=3)
+    report = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", backbones=("repghostnet_050", "ghostnet_050"), seeds=2,
+                                 latency_rounds=3, overrides={"train_images": str(synth / "images")})
+    # The records carry no machine path: runs and overrides relative to the record's folder.
+    record_text = (tmp_path / "out" / "detection.json").read_text()
+    assert str(tmp_path) not in record_text and str(synth) not in record_text
+    assert report["overrides"]["train_images"] == os.path.relpath(synth / "images", tmp_path / "out")
+    finals = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*/final.json")]
+    assert len(finals) == 4 and all(f["run"] == "." for f in finals)
     assert [(r["backbone"], r["seed"]) for r in report["runs"]] == [("repghostnet_050", 0), ("repghostnet_050", 1), ("ghostnet_050", 0), ("ghostnet_050", 1)]
     for b in report["backbones"].values():
         assert b["bbox_AP50"]["n"] == 2 and b["bbox_AP50"]["std"] is not None
@@ -363,7 +396,7 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     assert [(c["metric"], c["worse"]) for c in report["comparisons"]] == [("bbox_AP50", "ghostnet_050"), ("last_bbox_AP50", "ghostnet_050")]
     assert all("verdict" in c for c in report["comparisons"])
     for r in report["runs"]:  # the last evaluation is read from the run's own records
-        last = [json.loads(line) for line in (Path(r["run"]) / "metrics.jsonl").read_text().splitlines()][-1]
+        last = [json.loads(line) for line in (tmp_path / "out" / r["run"] / "metrics.jsonl").read_text().splitlines()][-1]
         assert r["last_bbox_AP50"] == last["bbox_AP50"] and r["last_bbox_AP"] == last["bbox_AP"]
     assert (tmp_path / "out" / "detection.md").read_text().startswith("| backbone |")
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*/last.pth")}
@@ -433,3 +466,199 @@ def test_detector_keys_in_the_latency_benchmark():
     for bad in ("det:yolo:repghostnet_100", "det:retinanet:resnet50", "det:retinanet:repghostnet_100:nchw"):
         with pytest.raises(ValueError, match="detector key"):
             parse_model(bad)
+
+
+def test_precise_bn_recomputes_trained_statistics_the_same_way_for_every_momentum(synth):
+    """Precise BN: the running statistics become the plain average of the batch statistics over the
+    given images, whatever the backbone's momentum; frozen BatchNorms keep theirs."""
+    import copy
+
+    from repghost.detection.precise_bn import recompute_bn_statistics, trained_batchnorms
+    from repghost.training.distributed import DistContext
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    images = CocoSet(synth / "train.json", synth / "images")
+    for backbone in ("mobilenet_v3_large", "repghostnet_050"):
+        torch.manual_seed(0)
+        a = create_detector("retinanet", backbone, 3, trainable_stages=3, **SMALL)
+        randomize_bn(a.backbone.body, seed=2)
+        b = copy.deepcopy(a)
+        for m in b.backbone.body.modules():
+            if isinstance(m, _BatchNorm):
+                m.momentum = 0.5 if m.momentum == 0.01 else 0.01
+        trained = trained_batchnorms(a)
+        frozen = [m for m in a.backbone.body.modules() if isinstance(m, _BatchNorm) and not any(m is t for t in trained)]
+        assert trained and frozen
+        frozen_before = [m.running_mean.clone() for m in frozen]
+        probe = trained[-1]
+        means = []
+        hook = probe.register_forward_hook(lambda m, i, o: means.append(i[0].mean(dim=(0, 2, 3))))
+        used = recompute_bn_statistics(a, images, ctx=ctx, batch_size=4)
+        hook.remove()
+        recompute_bn_statistics(b, images, ctx=ctx, batch_size=4)
+        assert used == len(images) and len(means) == 4  # 16 images in batches of 4
+        torch.testing.assert_close(probe.running_mean, torch.stack(means).mean(0), rtol=1e-4, atol=1e-5)
+        for x, y in zip(trained, trained_batchnorms(b)):  # momentum plays no part
+            torch.testing.assert_close(x.running_mean, y.running_mean, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(x.running_var, y.running_var, rtol=1e-4, atol=1e-6)
+        assert all(torch.equal(before, m.running_mean) for before, m in zip(frozen_before, frozen))
+        assert trained[0].momentum in (0.1, 0.01) and a.training  # momentum and mode restored
+
+
+def test_training_and_evaluation_share_one_geometry(synth):
+    """Training jitters the shortest side around the evaluation size (capped by max_size), and both
+    pad with the normalization mean; the data transform leaves the geometry to the detector."""
+    cfg = load_detect_config(None, dict(data="synthetic", img_size=512, scale_range=[0.75, 1.25], max_size=2000))
+    det = create_detector("retinanet", "repghostnet_050", 3, preset="light", **{k: v for k, v in cfg.detector_options().items()})
+    image = torch.rand(3, 480, 640)
+    with torch.no_grad():
+        det.eval()
+        batch, _ = det.transform([image])
+        eval_scale = batch.image_sizes[0][0] / 480
+        assert batch.image_sizes[0] == (512, 682)  # shortest side to img_size
+        det.train()
+        torch.manual_seed(0)
+        scales = {det.transform([image])[0].image_sizes[0][0] / 480 / eval_scale for _ in range(60)}
+    assert min(scales) == pytest.approx(0.75, abs=0.01) and max(scales) == pytest.approx(1.25, abs=0.01) and len(scales) > 4
+    # The longest side's cap holds in training as in evaluation.
+    capped = create_detector("retinanet", "repghostnet_050", 3, preset="light", **dict(cfg.detector_options(), max_size=700)).train()
+    with torch.no_grad():
+        assert all(max(capped.transform([image])[0].image_sizes[0]) <= 700 for _ in range(20))
+    # Padding: zeros after normalization, i.e. the normalization mean in pixel values.
+    det.eval()
+    with torch.no_grad():
+        batch, _ = det.transform([torch.rand(3, 480, 640), torch.rand(3, 640, 480)])
+    h, w = batch.image_sizes[0]
+    assert batch.tensors.shape[-1] > w and torch.all(batch.tensors[0, :, :, w:] == 0)
+    # The data transform keeps the image's size (only flips); boxes follow.
+    ds = CocoSet(synth / "train.json", synth / "images", transforms=train_transforms(hflip=1.0))
+    plain = CocoSet(synth / "train.json", synth / "images")
+    (a, ta), (b, tb) = ds[0], plain[0]
+    assert a.shape == b.shape and torch.equal(a, b.flip(-1))
+    torch.testing.assert_close(ta["boxes"][:, [2, 0]], b.shape[-1] - tb["boxes"][:, [0, 2]])
+
+
+def test_a_warmup_longer_than_the_run_is_cut_and_said(synth, tmp_path, caplog):
+    """`detect train --epochs 1` with the default warm-up must train, as `repghost train` does."""
+    import logging
+
+    from repghost.detection.train import _optimization
+
+    cfg = _tiny_config(synth, tmp_path, epochs=1, warmup_epochs=5.0)
+    model = create_detector("retinanet", "repghostnet_050", 3, **SMALL)
+    with caplog.at_level(logging.INFO, logger="repghost.detection.train"):
+        _, scheduler = _optimization(cfg, model, steps_per_epoch=4)
+    assert scheduler.warmup_t == 0 and "warming up for 0 epochs instead" in caplog.text
+    _, scheduler = _optimization(_tiny_config(synth, tmp_path, epochs=8, warmup_epochs=1.0), model, steps_per_epoch=4)
+    assert scheduler.warmup_t == 4  # a warm-up shorter than the run is kept (in steps: 1 epoch x 4)
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
+        _tiny_config(synth, tmp_path, warmup_epochs=-1.0)
+
+
+def test_the_detection_cap_is_a_field_scored_by_cocoeval_and_warned_about(synth, tmp_path, caplog):
+    import logging
+
+    from repghost.detection.evaluate import evaluate_detector
+    from repghost.training.distributed import DistContext
+
+    data = json.loads((synth / "val.json").read_text())
+    for a in data["annotations"]:
+        a["category_id"] = 3  # one category: COCOeval caps detections per image and category
+    (tmp_path / "one.json").write_text(json.dumps(data))
+    ds = CocoSet(tmp_path / "one.json", synth / "images")
+    results = []
+    for img_id in ds.ids:  # 100 confident misses (1 px boxes in a corner), then the ground truth
+        anns = ds.coco.imgToAnns[img_id]
+        boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 100 + [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns])
+        scores = torch.cat([torch.ones(100), torch.full((len(anns),), 0.5)])
+        results += to_coco_results({"boxes": boxes, "scores": scores, "labels": torch.ones(len(boxes), dtype=torch.int64)}, img_id, ds.categories)
+    assert coco_metrics(ds.coco, results, ds.ids, ["bbox"])["bbox"]["AR100"] == pytest.approx(0.0)  # cut at 100
+    assert coco_metrics(ds.coco, results, ds.ids, ["bbox"], max_dets=300)["bbox"]["AR300"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="detections_per_img must be > 10"):
+        _tiny_config(synth, tmp_path, detections_per_img=10)
+    # The field reaches the detector and its file's metadata; evaluation uses it and says when images reach it.
+    cfg = _tiny_config(synth, tmp_path, detections_per_img=11, score_thresh=0.0)
+    assert cfg.detector_options()["detections_per_img"] == 11
+    det = create_detector("retinanet", "repghostnet_050", 3, preset="light", **cfg.detector_options())
+    assert det.detector_config.detections_per_img == 11
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="repghost.detection.evaluate"):
+        metrics = evaluate_detector(det, ds, ctx=ctx)
+    assert metrics["images_at_cap"] == len(ds) and "AR11" in metrics["bbox"] and "reached the detector's cap of 11" in caplog.text
+
+
+def test_coco_files_without_iscrowd_area_or_sizes_are_completed_when_read(tmp_path, synth, caplog):
+    """Files from other tools often lack iscrowd, area (and image sizes): they are filled on reading,
+    so neither the first training batch nor the first evaluation fails."""
+    import logging
+
+    data = json.loads((synth / "val.json").read_text())
+    polygon_area = {a["id"]: a["area"] for a in data["annotations"]}
+    for a in data["annotations"]:
+        del a["iscrowd"], a["area"]
+    for img in data["images"][:2]:
+        del img["height"], img["width"]
+    data["annotations"][0].pop("segmentation")  # one without a mask: area from its box
+    (tmp_path / "wild.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.INFO, logger="repghost.detection.data"):
+        ds = CocoSet(tmp_path / "wild.json", synth / "images", transforms=train_transforms(hflip=0.5))
+    n = len(data["annotations"])
+    assert f"filled iscrowd of {n} annotations, area of {n} annotations, image_size of 2 images" in caplog.text
+    first = data["annotations"][0]
+    assert ds.coco.anns[first["id"]]["area"] == pytest.approx(first["bbox"][2] * first["bbox"][3])
+    for a in data["annotations"][1:]:  # the polygon's mask area, as the generator wrote it
+        assert ds.coco.anns[a["id"]]["area"] == pytest.approx(polygon_area[a["id"]], rel=0.05)
+    assert all(ds.coco.anns[a["id"]]["iscrowd"] == 0 for a in data["annotations"])
+    images, targets, bad = collate_detection([ds[i] for i in range(4)])  # the v2 wrapper reads iscrowd
+    assert bad == 0 and all(len(t["boxes"]) == len(t["labels"]) for t in targets)
+    results = []
+    for img_id in ds.ids:
+        anns = ds.coco.imgToAnns[img_id]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns])
+        labels = torch.tensor([ds.categories.label(a["category_id"]) for a in anns])
+        results += to_coco_results({"boxes": boxes, "scores": torch.ones(len(anns)), "labels": labels}, img_id, ds.categories)
+    assert coco_metrics(ds.coco, results, ds.ids, ["bbox"])["bbox"]["AP"] == pytest.approx(1.0)  # COCOeval reads area
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_large", "ghostnet_050"])
+def test_export_folds_comparison_backbones(tmp_path, backbone):
+    """export_detector writes the deploy form of every backbone: no BatchNorm left in the file."""
+    from repghost.detection.export import export_detector
+
+    det = create_detector("retinanet", backbone, 3, score_thresh=0.0, **SMALL)
+    randomize_bn(det.backbone.body, seed=5)
+    export_detector(det.eval(), tmp_path / "core.pt", "torchscript")
+    scripted = torch.jit.load(str(tmp_path / "core.pt"))
+    kinds = {m.original_name for m in scripted.modules()}
+    assert "Conv2d" in kinds and not any("BatchNorm" in k for k in kinds), kinds
+    assert any(isinstance(m, _BatchNorm) for m in det.backbone.body.modules())  # the detector given is left as it was
+
+
+def test_pretrained_backbones_default_to_torchvisions_practice(synth, tmp_path):
+    scratch = _tiny_config(synth, tmp_path)
+    assert (scratch.trainable_stages, scratch.frozen_bn) == (5, False)
+    pretrained = _tiny_config(synth, tmp_path, backbone_weights="cls.safetensors")
+    assert (pretrained.trainable_stages, pretrained.frozen_bn) == (3, True)
+    assert pretrained.detector_options()["trainable_stages"] == 3 and pretrained.detector_options()["frozen_bn"] is True
+    chosen = _tiny_config(synth, tmp_path, backbone_weights="cls.safetensors", trainable_stages=5, frozen_bn=False)
+    assert (chosen.trainable_stages, chosen.frozen_bn) == (5, False)  # what the user sets is kept
+
+
+@pytest.mark.slow
+def test_a_short_synthetic_run_fits_its_images(tmp_path):
+    """A short run must learn: box AP50 on its own 8 training images above a floor, so a broken recipe,
+    geometry, label mapping or evaluation fails here (an untrained detector scores about 0.01). Then
+    `detect eval` of the deploy file on the same images reproduces the fit the run recorded."""
+    from repghost.detection.evaluate import evaluate_detector
+    from repghost.training.distributed import DistContext
+
+    root = make_synthetic_coco(tmp_path / "data", train_images=8, val_images=0, size=96, seed=3)
+    cfg = _tiny_config(root, tmp_path / "run", val_ann=str(root / "train.json"), head_norm=True, anchor_size=16,
+                       scale_range=[0.9, 1.1], epochs=60, opt="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=2.0,
+                       eval_every=60, precise_bn_images=8)
+    final = train_detector(cfg)  # 2 steps an epoch: 120 steps
+    assert final["best"]["bbox_AP50"] >= 0.5, final["best"]
+    deploy, _, _ = load_detector(tmp_path / "run" / "deploy.safetensors")
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    again = evaluate_detector(deploy, CocoSet(root / "train.json", root / "images"), ctx=ctx)
+    assert again["bbox"]["AP50"] == pytest.approx(final["best"]["bbox_AP50"], abs=0.02)

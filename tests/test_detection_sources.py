@@ -16,6 +16,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from repghost.detection import sources
+from repghost.detection.sources import common
+from repghost.detection.sources import deepforest as deepforest_source
 from repghost.detection.sources import DownloadError, fetch, fetch_deepforest, fetch_quokka
 
 # pycocotools' mask decoding (annToMask) trips a NumPy 2 deprecation inside pycocotools itself.
@@ -77,7 +79,7 @@ def _load(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------- deepforest
 
-def test_deepforest_split_shares_no_source_image_and_tiles_do_not_overlap(deepforest: Path) -> None:
+def test_deepforest_split_shares_no_source_image_and_tiles_overlap(deepforest: Path) -> None:
     train, val = _load(deepforest / "train.json"), _load(deepforest / "val.json")
     meta = _load(deepforest / "meta.json")
     assert meta["split_by"] == "source_image"
@@ -86,7 +88,7 @@ def test_deepforest_split_shares_no_source_image_and_tiles_do_not_overlap(deepfo
         assert sorted({i["source_image"] for i in coco["images"]}) == meta["splits"][split]["source_images"]
         assert sorted({i["site"] for i in coco["images"]}) == meta["splits"][split]["sites"]
     assert not {i["source_image"] for i in train["images"]} & {i["source_image"] for i in val["images"]}
-    assert all(sources._site(i["source_image"]) == i["site"] for i in train["images"] + val["images"])
+    assert all(deepforest_source._site(i["source_image"]) == i["site"] for i in train["images"] + val["images"])
     # Source images sorted by name; target 0.3 * 951 = 285.3 boxes: the 574-box crop overshoots, the
     # 279-box crop gets closest, and adding OSBS (61) or SOAP (37) would move val away again.
     assert meta["splits"]["val"]["source_images"] == ["2019_YELL_2_541000_4977000_image_crop.png"]
@@ -97,7 +99,7 @@ def test_deepforest_split_shares_no_source_image_and_tiles_do_not_overlap(deepfo
     assert meta["splits"]["val"]["sites"] == ["YELL"]
     assert meta["splits"]["train"]["sites"] == ["OSBS", "SOAP", "YELL"]
 
-    # The tiles of each source image partition it: pairwise disjoint, together exactly its area.
+    # The tiles of each source image cover it, 400 px square (or the whole image), neighbours sharing >= 100 px.
     tiles: dict = {}
     for image in train["images"] + val["images"]:
         x0, y0 = image["tile_origin"]
@@ -106,10 +108,19 @@ def test_deepforest_split_shares_no_source_image_and_tiles_do_not_overlap(deepfo
     for name, rects in tiles.items():
         width, height, _ = DEEPFOREST_IMAGES[name]
         assert all(0 <= a and 0 <= b and c <= width and d <= height for a, b, c, d in rects), name
-        for i, (a0, b0, a1, b1) in enumerate(rects):
-            for c0, d0, c1, d1 in rects[i + 1:]:
-                assert a1 <= c0 or c1 <= a0 or b1 <= d0 or d1 <= b0, f"{name}: tiles overlap"
-        assert sum((c - a) * (d - b) for a, b, c, d in rects) == width * height, name
+        assert all(c - a == min(400, width) and d - b == min(400, height) for a, b, c, d in rects), name
+        xs, ys = sorted({r[0] for r in rects}), sorted({r[1] for r in rects})
+        assert all(b - a <= 300 for a, b in zip(xs, xs[1:])) and all(b - a <= 300 for a, b in zip(ys, ys[1:])), name
+        assert len(rects) == len(xs) * len(ys) and xs[0] == ys[0] == 0
+        assert xs[-1] + min(400, width) == width and ys[-1] + min(400, height) == height
+
+    # fit and tune: the training scenes in two regions that share no pixel; val's scene in neither.
+    fit, tune = _load(deepforest / "fit.json"), _load(deepforest / "tune.json")
+    assert {i["source_image"] for i in fit["images"]} == set(meta["splits"]["train"]["source_images"])
+    assert {i["source_image"] for i in tune["images"]} == {"2019_YELL_2_528000_4978000_image_crop2.png"}
+    cut = min(i["tile_origin"][1] for i in tune["images"])
+    assert cut == 2472 - 618
+    assert all(i["tile_origin"][1] + i["height"] <= cut for i in fit["images"] if i["source_image"] in {x["source_image"] for x in tune["images"]})
 
 
 def test_deepforest_boxes_lie_inside_their_tiles(deepforest: Path) -> None:
@@ -126,9 +137,9 @@ def test_deepforest_boxes_lie_inside_their_tiles(deepforest: Path) -> None:
             x, y, w, h = ann["bbox"]
             image = images[ann["image_id"]]
             assert 0 <= x and 0 <= y and x + w <= image["width"] and y + h <= image["height"], ann
-            assert w >= 2 and h >= 2
+            assert w >= 1 and h >= 1 and (ann["iscrowd"] == 1 or (w >= 2 and h >= 2))
             assert ann["area"] == pytest.approx(w * h)
-            assert ann["category_id"] == 1 and ann["iscrowd"] == 0
+            assert ann["category_id"] == 1 and ann["iscrowd"] in (0, 1)
         assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
 
 
@@ -137,23 +148,26 @@ def test_deepforest_counts(deepforest: Path) -> None:
     train, val = _load(deepforest / "train.json"), _load(deepforest / "val.json")
     assert meta["source_boxes"] == DEEPFOREST_SOURCE_BOXES
     assert meta["splits"]["train"]["source_boxes"] + meta["splits"]["val"]["source_boxes"] == DEEPFOREST_SOURCE_BOXES
-    # Tiles: 2299x2472 -> 6 x 7 (383/384 x 353/354 px), 1249x1035 -> 4 x 3 (312/313 x 345 px),
-    # 400x400 -> 1 each; train = the 2299x2472 crop + OSBS + SOAP, val = the 1249x1035 crop.
-    assert len(train["images"]) == meta["splits"]["train"]["images"] == 42 + 1 + 1
-    assert len(val["images"]) == meta["splits"]["val"]["images"] == 12
-    # Tiles do not overlap, so each box lands in exactly one tile (the one holding its centre): the tile
-    # boxes are the source boxes less the dropped ones (clipped under 2 px; none found, 152 clipped).
-    assert meta["dropped"] == 0 and meta["clipped"] == 152 and meta["boxes_outside_image"] == 0
-    assert len(train["annotations"]) == meta["splits"]["train"]["boxes"] == 672
-    assert len(val["annotations"]) == meta["splits"]["val"]["boxes"] == 279
-    assert (len(train["annotations"]) + len(val["annotations"])
-            == DEEPFOREST_SOURCE_BOXES - meta["dropped"] - meta["boxes_outside_image"])
+    # Tiles (400 px, >= 100 px overlap): 2299x2472 -> 8 x 8, 1249x1035 -> 4 x 4, 400x400 -> 1 each;
+    # train = the 2299x2472 crop + OSBS + SOAP, val = the 1249x1035 crop; fit = the crop's top 1854 rows
+    # (8 x 6) + OSBS + SOAP, tune = its bottom 618 rows (8 x 2).
+    assert len(train["images"]) == meta["splits"]["train"]["images"] == 64 + 1 + 1
+    assert len(val["images"]) == meta["splits"]["val"]["images"] == 16
+    assert (meta["holdout"]["fit"]["images"], meta["holdout"]["tune"]["images"]) == (48 + 2, 16)
+    assert meta["boxes_outside_image"] == 0
+    for split, coco in (("train", train), ("val", val)):
+        crowd = sum(a["iscrowd"] for a in coco["annotations"])
+        assert crowd > 0 and meta["splits"][split]["crowd"] == crowd
+        assert meta["splits"][split]["boxes"] == len(coco["annotations"]) - crowd
+    # A crown in an overlap is a label in several tiles; the single-tile scenes keep their boxes one for one.
     per_source: dict = {}
     for coco in (train, val):
         source_of = {i["id"]: i["source_image"] for i in coco["images"]}
         for ann in coco["annotations"]:
-            per_source[source_of[ann["image_id"]]] = per_source.get(source_of[ann["image_id"]], 0) + 1
-    assert per_source == {name: boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items()}
+            if not ann["iscrowd"]:
+                per_source[source_of[ann["image_id"]]] = per_source.get(source_of[ann["image_id"]], 0) + 1
+    assert all(per_source[name] > boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items() if name.startswith("2019"))
+    assert all(per_source[name] == boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items() if not name.startswith("2019"))
     assert meta["license"] == "MIT" and meta["source"] == "deepforest==2.1.0"
 
 
@@ -258,33 +272,71 @@ def test_default_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_tiling_and_site_helpers() -> None:
-    assert sources._tile_spans(1249, 400) == [(0, 312), (312, 312), (624, 312), (936, 313)]
-    assert sources._tile_spans(800, 400) == [(0, 400), (400, 400)]
-    assert sources._tile_spans(300, 400) == [(0, 300)]
-    assert sources._tile_spans(400, 400) == [(0, 400)]
-    for size, n in ((2299, 6), (2472, 7), (1035, 3), (401, 2), (1, 1)):
-        spans = sources._tile_spans(size, 400)
-        assert len(spans) == n
-        assert [s for s, _ in spans] == [sum(l for _, l in spans[:i]) for i in range(n)]  # contiguous
-        assert sum(l for _, l in spans) == size
-        lengths = [l for _, l in spans]
-        assert max(lengths) <= 400 and max(lengths) - min(lengths) <= 1
+    assert deepforest_source._tile_spans(1249, 400, 100) == [(0, 400), (283, 400), (566, 400), (849, 400)]
+    assert deepforest_source._tile_spans(700, 400, 100) == [(0, 400), (300, 400)]
+    assert deepforest_source._tile_spans(800, 400, 0) == [(0, 400), (400, 400)]
+    assert deepforest_source._tile_spans(300, 400, 100) == [(0, 300)]
+    assert deepforest_source._tile_spans(400, 400, 100) == [(0, 400)]
+    for size in (401, 1035, 2299, 2472):
+        for overlap in (0, 50, 100):
+            spans = deepforest_source._tile_spans(size, 400, overlap)
+            assert spans[0][0] == 0 and spans[-1][0] + spans[-1][1] == size and all(length == 400 for _, length in spans)
+            shared = [a + 400 - b for (a, _), (b, _) in zip(spans, spans[1:])]
+            assert min(shared) >= overlap, (size, overlap, shared)
+            assert len(spans) == 1 or len(deepforest_source._tile_spans(size, 400, overlap)) == 1 + -(-(size - 400) // (400 - overlap))
     with pytest.raises(ValueError):
-        sources._tile_spans(0, 400)
-    assert sources._site("2019_YELL_2_528000_4978000_image_crop2.png") == "YELL"
-    assert sources._site("OSBS_029.tif") == "OSBS"
-    assert sources._site("image_crop.png") is None
-    assert sources._split_groups({"OSBS": 61, "SOAP": 37, "YELL": 853}, 0.3) == ["OSBS", "SOAP"]
-    assert sources._split_groups({name: boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items()}, 0.3) == [
+        deepforest_source._tile_spans(0, 400)
+    with pytest.raises(ValueError, match="overlap"):
+        deepforest_source._tile_spans(800, 400, 400)
+    assert deepforest_source._site("2019_YELL_2_528000_4978000_image_crop2.png") == "YELL"
+    assert deepforest_source._site("OSBS_029.tif") == "OSBS"
+    assert deepforest_source._site("image_crop.png") is None
+    assert deepforest_source._split_groups({"OSBS": 61, "SOAP": 37, "YELL": 853}, 0.3) == ["OSBS", "SOAP"]
+    assert deepforest_source._split_groups({name: boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items()}, 0.3) == [
         "2019_YELL_2_541000_4977000_image_crop.png"]
-    assert sources._split_groups({"A": 900, "B": 100}, 0.3) == ["B"]
-    assert sources._split_groups({"A": 50, "B": 60}, 0.9) == ["A"]  # one group always stays in train
+    assert deepforest_source._split_groups({"A": 900, "B": 100}, 0.3) == ["B"]
+    assert deepforest_source._split_groups({"A": 50, "B": 60}, 0.9) == ["A"]  # one group always stays in train
+
+
+def test_overlapping_tiles_label_visible_crowns_and_mark_remainders_crowd() -> None:
+    """A 700x300 region cut into two 400 px tiles overlapping by 100 px (x 0-400 and 300-700)."""
+    B = deepforest_source._Box
+    boxes = [
+        B(310, 10, 390, 60),    # inside the overlap: a whole label in both tiles
+        B(350, 100, 450, 150),  # half in the first tile, whole in the second
+        B(380, 200, 480, 260),  # a fifth in the first tile, whole in the second
+        B(10, 10, 50, 50),      # first tile only
+        B(399.5, 250, 420, 290),  # a 0.5 px sliver in the first tile: not there at all
+    ]
+    tiles = deepforest_source._tile_annotations(700, 300, boxes, tile=400, overlap=100, min_visibility=0.5)
+    assert [(t["x0"], t["y0"], t["width"], t["height"]) for t in tiles] == [(0, 0, 400, 300), (300, 0, 400, 300)]
+    first, second = ({tuple(b): crowd for b, crowd in t["boxes"]} for t in tiles)
+    assert first == {(310, 10, 80, 50): 0, (350, 100, 50, 50): 0, (380, 200, 20, 60): 1, (10, 10, 40, 40): 0}
+    assert second == {(10, 10, 80, 50): 0, (50, 100, 100, 50): 0, (80, 200, 100, 60): 0, (99.5, 250, 20.5, 40): 0}
+    # A stricter threshold turns the half-visible crown into a crowd region; every crown stays labelled somewhere.
+    strict = deepforest_source._tile_annotations(700, 300, boxes, tile=400, overlap=100, min_visibility=0.6)
+    assert {tuple(b): c for b, c in strict[0]["boxes"]}[(350, 100, 50, 50)] == 1
+    # A region's origin moves the tiles, not the boxes' reference: tile pixels stay relative to the tile.
+    moved = deepforest_source._tile_annotations(400, 300, boxes, tile=400, overlap=100, min_visibility=0.5, origin=(300, 0))
+    assert [(t["x0"], t["y0"]) for t in moved] == [(300, 0)] and moved[0]["boxes"] == tiles[1]["boxes"]
+    assert deepforest_source._tune_band(2299, 2472, 400, 0.25) == (1854, 618)
+    assert deepforest_source._tune_band(400, 400, 400, 0.25) is None and deepforest_source._tune_band(2299, 2472, 400, 0.0) is None
+
+
+def test_an_older_cached_layout_is_rebuilt_not_reused(tmp_path: Path) -> None:
+    folder = tmp_path / "deepforest"
+    folder.mkdir()
+    want = deepforest_source._deepforest_want(400, 100, 0.5, 0.3, 0.25)
+    (folder / "meta.json").write_text(json.dumps({**want, "format": 2}))  # the non-overlapping tiles of format 2
+    assert not common._cached(folder, want)
+    (folder / "meta.json").write_text(json.dumps(want))
+    assert common._cached(folder, want)
 
 
 def test_to_rgb_converts_16_bit_and_alpha() -> None:
     grey16 = Image.fromarray(np.array([[0, 65535], [257, 32896]], dtype=np.uint16))
     assert grey16.mode.startswith("I;16")
-    rgb = np.asarray(sources._to_rgb(grey16))
+    rgb = np.asarray(common._to_rgb(grey16))
     assert rgb.shape == (2, 2, 3) and rgb[..., 0].tolist() == [[0, 255], [1, 128]]
     rgba = Image.fromarray(np.array([[[200, 100, 50, 0], [200, 100, 50, 255]]], dtype=np.uint8), "RGBA")
-    assert np.asarray(sources._to_rgb(rgba)).tolist() == [[[0, 0, 0], [200, 100, 50]]]
+    assert np.asarray(common._to_rgb(rgba)).tolist() == [[[0, 0, 0], [200, 100, 50]]]

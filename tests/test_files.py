@@ -63,3 +63,23 @@ def test_bad_targets_say_what_is_wrong(tmp_path):
         atomic_write(tmp_path / "missing" / "f", lambda tmp: None)
     with pytest.raises(IsADirectoryError):
         atomic_write(tmp_path, lambda tmp: None)
+
+
+def test_published_folder_appears_whole_or_not_at_all(tmp_path):
+    from repghost.files import published_folder
+
+    target = tmp_path / "set"
+    with pytest.raises(KeyboardInterrupt):
+        with published_folder(target) as out:
+            (out / "a.txt").write_text("half")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []  # nothing published, no staging left
+    with published_folder(target) as out:
+        (out / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with published_folder(target) as out:  # a folder already there is replaced whole
+        (out / "b.txt").write_text("two")
+    assert os.listdir(target) == ["b.txt"] and os.listdir(tmp_path) == ["set"]
+    with published_folder(target, same=lambda folder: (folder / "b.txt").is_file()) as out:
+        (out / "c.txt").write_text("late copy")  # the target already holds the same set: kept, copy dropped
+    assert os.listdir(target) == ["b.txt"] and os.listdir(tmp_path) == ["set"]

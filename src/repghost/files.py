@@ -4,17 +4,22 @@ Every file this package writes for a user (checkpoints, exports, reports, metric
 :func:`atomic_write` (the one exception is a run's ``train.log``, a log appended line by line): the content is written to a temporary file beside the target, flushed to
 disk, given the permissions a plain ``open(path, "w")`` would give (``0o666`` less the umask;
 ``tempfile.mkstemp`` creates ``0o600`` files), and renamed over the target. A reader, or a run
-killed half-way, sees the old file or the new one, never a torn one.
+killed half-way, sees the old file or the new one, never a torn one. Folders of files (the data
+sets ``repghost detect fetch`` and the synthetic set write) are published the same way, whole, by
+:func:`published_folder`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Optional, Union
 
-__all__ = ["atomic_write", "default_file_mode", "PathLike"]
+__all__ = ["atomic_write", "published_folder", "default_file_mode", "PathLike"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -88,3 +93,52 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
         raise
     _fsync_dir(target.parent if str(target.parent) else Path("."))
     return target
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            _fsync_file(str(path))
+
+
+@contextmanager
+def published_folder(target: PathLike, *, same: Optional[Callable[[Path], bool]] = None) -> Iterator[Path]:
+    """A fresh hidden folder beside ``target`` to fill; when the block ends without error its files
+    are flushed to disk and it is renamed to ``target``, so readers see the old folder or the whole
+    new one, never a half-written one. A folder already at ``target`` is moved aside and deleted
+    after the rename. ``same(target)``: whether ``target`` already holds what was being written (a
+    concurrent writer finished first); then the new copy is dropped. On error the staging folder is
+    removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()  # mode 0o777 less the umask, as for any folder
+    try:
+        yield staging
+        _fsync_tree(staging)
+        for _attempt in range(3):
+            try:
+                os.rename(staging, target)  # replaces an empty folder too
+                break
+            except OSError:
+                if not target.exists():
+                    raise
+            if same is not None and same(target):
+                break  # a concurrent writer published the same content: ours is dropped below
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(target, old)
+            except FileNotFoundError:
+                continue
+            try:
+                os.rename(staging, target)
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+            break
+        else:
+            raise OSError(f"could not publish the folder {target}")
+        _fsync_dir(target.parent)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

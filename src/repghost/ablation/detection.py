@@ -94,7 +94,7 @@ def run_detection_study(
         for k in range(seeds):
             run_dir = out / "runs" / f"{backbone}-seed{k}"
             final = _run(dict(values, backbone=backbone, seed=base_seed + k), run_dir, say)
-            runs.append({"backbone": backbone, "seed": base_seed + k, "run": str(run_dir),
+            runs.append({"backbone": backbone, "seed": base_seed + k, "run": str(run_dir.relative_to(out)),
                          **{m: final["best"].get(m) for m in METRICS}, "best_epoch": final["best_epoch"],
                          **_last_evaluation(run_dir)})
     num_classes = len(json.loads((out / "runs" / f"{backbones[0]}-seed0" / "final.json").read_text())["categories"]["ids"])
@@ -120,7 +120,8 @@ def run_detection_study(
             b = [r[metric] for r in runs if r["backbone"] == other and r[metric] is not None]
             comparisons.append({"better": ours, "worse": other, "metric": metric, **_verdict(a, b)})
     report = {
-        "config": str(config), "overrides": dict(overrides or {}), "input_size": [3, size, size],
+        "config": _portable(str(config), out), "overrides": {k: _portable(v, out) for k, v in (overrides or {}).items()},
+        "input_size": [3, size, size],
         "seeds": seeds, "runs": runs, "backbones": per_backbone, "comparisons": comparisons,
         "environment": _environment(),
     }
@@ -129,6 +130,13 @@ def run_detection_study(
     md = detection_table(report)
     atomic_write(out / "detection.md", lambda tmp: Path(tmp).write_text(md))
     return report
+
+
+def _portable(value: Any, out: Path) -> Any:
+    """An absolute path as a path relative to the record's folder (records carry no machine paths)."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.relpath(value, os.path.abspath(out))
+    return value
 
 
 def _environment() -> Dict[str, Any]:

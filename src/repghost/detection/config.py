@@ -36,8 +36,10 @@ class DetectTrainConfig:
     roi_batch_size: Optional[int] = None
     anchor_size: int = 32
     backbone_weights: Optional[str] = None
-    trainable_stages: int = 5
-    frozen_bn: bool = False
+    # None: torchvision's practice with pretrained weights (3 trained stages, frozen BatchNorm),
+    # else everything trained (5, False); a value given is kept
+    trainable_stages: Optional[int] = None
+    frozen_bn: Optional[bool] = None
     # data: "coco" (the four files below) or "synthetic" (generated into data_root)
     data: str = "coco"
     data_root: Optional[str] = None
@@ -46,9 +48,9 @@ class DetectTrainConfig:
     val_ann: Optional[str] = None
     val_images: Optional[str] = None
     synthetic_images: int = 400
-    img_size: int = 512  # training crop side and the detector's min_size
-    max_size: Optional[int] = None  # the detector's max_size (default: img_size * 1333 / 800)
-    scale_range: List[float] = dataclasses.field(default_factory=lambda: [0.75, 1.25])
+    img_size: int = 512  # the shortest side at evaluation (the detector's min_size); training jitters it
+    max_size: Optional[int] = None  # the longest side's cap, training and evaluation (default: img_size * 1333 / 800)
+    scale_range: List[float] = dataclasses.field(default_factory=lambda: [0.75, 1.25])  # training's shortest-side jitter
     hflip: float = 0.5
     vflip: float = 0.0
     workers: int = 2
@@ -60,7 +62,7 @@ class DetectTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1.0e-4
     sched: str = "cosine"
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 1.0  # cut to a quarter of the run when the run is not longer (as `repghost train`)
     warmup_lr: float = 1.0e-4
     min_lr: float = 1.0e-5
     clip_grad: Optional[float] = 10.0
@@ -72,11 +74,20 @@ class DetectTrainConfig:
     eval_every: int = 1
     log_interval: int = 10
     score_thresh: float = 0.05
+    detections_per_img: int = 100  # the detector's cap per image, and COCOeval's maxDets
     deterministic: bool = False
     max_steps_per_epoch: Optional[int] = None
+    # precise BN: before every evaluation (and so in every saved detector), the backbone's trained
+    # BatchNorm statistics are recomputed over this many training images (0: keep the running averages)
+    precise_bn_images: int = 200
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        pretrained = self.backbone_weights is not None
+        if self.trainable_stages is None:
+            self.trainable_stages = 3 if pretrained else 5
+        if self.frozen_bn is None:
+            self.frozen_bn = pretrained
         self._check_ranges()
 
     def _check_ranges(self) -> None:
@@ -95,15 +106,24 @@ class DetectTrainConfig:
         need(len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1], f"scale_range must be [min, max] with 0 < min <= max, got {self.scale_range}")
         for name in ("hflip", "vflip"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} is a probability (0..1), got {getattr(self, name)}")
+        need(self.detections_per_img > 10, f"detections_per_img must be > 10 (COCOeval scores recall at 1, 10 and it), got {self.detections_per_img}")
         for name in ("epochs", "batch_size", "eval_every", "log_interval", "synthetic_images"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(self.precise_bn_images >= 0, f"precise_bn_images must be >= 0 (0 turns precise BN off), got {self.precise_bn_images}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(0 <= self.warmup_epochs < self.epochs, f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")  # one too long is cut (train.py)
 
     @property
     def resolved_max_size(self) -> int:
         return self.max_size if self.max_size is not None else max(self.img_size, self.img_size * 1333 // 800)
+
+    @property
+    def train_sizes(self) -> tuple:
+        """Training's shortest sides: 9 evenly spaced sizes over ``scale_range`` x ``img_size``, as
+        torchvision's detection references jitter the shortest side (capped by ``max_size``)."""
+        lo, hi = self.scale_range
+        return tuple(sorted({max(1, round(self.img_size * (lo + (hi - lo) * k / 8))) for k in range(9)}))
 
     def detector_options(self) -> Dict[str, Any]:
         """The ``create_detector`` options this run asks for (the preset's sizes unless overridden)."""
@@ -113,8 +133,8 @@ class DetectTrainConfig:
                 sizes[k] = getattr(self, k)
         return dict(
             sizes, head_norm=self.head_norm, anchor_size=self.anchor_size, min_size=self.img_size,
-            max_size=self.resolved_max_size, trainable_stages=self.trainable_stages, frozen_bn=self.frozen_bn,
-            score_thresh=self.score_thresh,
+            max_size=self.resolved_max_size, train_sizes=self.train_sizes, trainable_stages=self.trainable_stages, frozen_bn=self.frozen_bn,
+            score_thresh=self.score_thresh, detections_per_img=self.detections_per_img,
         )
 
     def to_dict(self) -> Dict[str, Any]:

@@ -32,6 +32,7 @@ __all__ = [
     "AnnotationReport",
     "CocoSet",
     "read_coco_json",
+    "complete_annotations",
     "train_transforms",
     "eval_transforms",
     "collate_detection",
@@ -131,6 +132,40 @@ class AnnotationReport:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
 
 
+def complete_annotations(data: Dict[str, Any], image_dir: Path) -> Dict[str, int]:
+    """Fill what COCO files from other tools often leave out, in place: ``iscrowd`` (0), ``area`` (the
+    mask area of the polygon or RLE, else the box's) and an image's ``height``/``width`` (from its file,
+    when it has masks to rasterize). torchvision's v2 wrapper needs ``iscrowd``, COCOeval ``area`` and
+    the sizes. Returns how many of each were filled."""
+    from pycocotools import mask as mask_utils
+
+    filled = {"iscrowd": 0, "area": 0, "image_size": 0}
+    images = {img["id"]: img for img in data["images"]}
+    with_masks = {ann["image_id"] for ann in data["annotations"] if ann.get("segmentation")}
+    for img_id in with_masks:
+        img = images.get(img_id)
+        if img is not None and not (img.get("height") and img.get("width")) and (image_dir / img["file_name"]).is_file():
+            from PIL import Image
+
+            with Image.open(image_dir / img["file_name"]) as im:  # reads the header only
+                img["width"], img["height"] = im.size
+            filled["image_size"] += 1
+    for ann in data["annotations"]:
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+            filled["iscrowd"] += 1
+        if "area" not in ann:
+            seg, img = ann.get("segmentation"), images.get(ann["image_id"], {})
+            if seg and img.get("height") and img.get("width"):
+                h, w = int(img["height"]), int(img["width"])
+                rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) or isinstance(seg.get("counts"), list) else seg
+                ann["area"] = float(mask_utils.area(mask_utils.merge(rle) if isinstance(rle, list) else rle))
+            else:
+                ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+            filled["area"] += 1
+    return filled
+
+
 def _check_annotations(data: Dict[str, Any], image_dir: Path, cats: CategoryMap, masks: bool, report: AnnotationReport) -> List[int]:
     """Count what the file holds; returns the ids of the images whose files exist."""
     images = {img["id"]: img for img in data["images"]}
@@ -181,10 +216,10 @@ def _check_annotations(data: Dict[str, Any], image_dir: Path, cats: CategoryMap,
     return kept
 
 
-def train_transforms(size: int, *, scale_range: Tuple[float, float] = (0.75, 1.25), hflip: float = 0.5, vflip: float = 0.0):
-    """Scale jitter around ``size``, a ``size`` x ``size`` crop (padded where the image is smaller),
-    flips; boxes and masks follow the image, and boxes left with no area are dropped with their
-    labels and masks."""
+def train_transforms(*, hflip: float = 0.5, vflip: float = 0.0):
+    """Flips; boxes and masks follow the image. The geometry (the shortest-side jitter, the cap on the
+    longest side, the padding) is the detector's own resize in training mode, the same transform that
+    evaluation runs at its middle size, so training and evaluation see objects at the same scale."""
     from torchvision.transforms import v2
 
     steps: List[Any] = [v2.ToImage()]
@@ -192,13 +227,7 @@ def train_transforms(size: int, *, scale_range: Tuple[float, float] = (0.75, 1.2
         steps.append(v2.RandomHorizontalFlip(hflip))
     if vflip:
         steps.append(v2.RandomVerticalFlip(vflip))
-    steps += [
-        v2.ScaleJitter((size, size), scale_range=scale_range, antialias=True),
-        v2.RandomCrop((size, size), pad_if_needed=True),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(min_size=1.0),
-        v2.ToDtype(torch.float32, scale=True),
-    ]
+    steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0), v2.ToDtype(torch.float32, scale=True)]
     return v2.Compose(steps)
 
 
@@ -207,6 +236,22 @@ def eval_transforms():
     from torchvision.transforms import v2
 
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def _coco_detection(image_dir: Path, data: Dict[str, Any]):
+    """torchvision's ``CocoDetection`` over the checked and completed ``data``: its constructor would
+    read the file again (as written, without the filled fields), so its two attributes are set here."""
+    from pycocotools.coco import COCO
+    from torchvision.datasets import CocoDetection, VisionDataset
+
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
+        coco.createIndex()
+    base = CocoDetection.__new__(CocoDetection)
+    VisionDataset.__init__(base, str(image_dir))
+    base.coco, base.ids = coco, list(sorted(coco.imgs.keys()))
+    return base
 
 
 class CocoSet(Dataset):
@@ -218,13 +263,17 @@ class CocoSet(Dataset):
     """
 
     def __init__(self, ann_file: PathLike, image_dir: PathLike, *, masks: bool = False, transforms: Any = None) -> None:
-        from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+        from torchvision.datasets import wrap_dataset_for_transforms_v2
 
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         data = read_coco_json(self.ann_file)
         if not self.image_dir.is_dir():
             raise AnnotationError(f"{self.image_dir}: no such image folder (the folder that {self.ann_file.name}'s file_name entries are relative to)")
+        filled = complete_annotations(data, self.image_dir)
+        if any(filled.values()):
+            log.info("%s: filled %s", self.ann_file.name, ", ".join(f"{k} of {v} {'images' if k == 'image_size' else 'annotations'}"
+                                                                   for k, v in filled.items() if v))
         self.categories = CategoryMap.from_coco(data["categories"])
         self.report = AnnotationReport()
         kept = _check_annotations(data, self.image_dir, self.categories, masks, self.report)
@@ -239,8 +288,7 @@ class CocoSet(Dataset):
                 self.ann_file.name, self.report.missing_images, self.image_dir, ", ".join(self.report.missing_files[:3]),
             )
         log.info("%s: %s", self.ann_file.name, self.report.summary())
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
-            base = CocoDetection(str(self.image_dir), str(self.ann_file))
+        base = _coco_detection(self.image_dir, data)
         kept_ids = set(kept)
         base.ids = [i for i in base.ids if i in kept_ids]
         keys = {"image_id", "boxes", "labels", "iscrowd"} | ({"masks"} if masks else set())

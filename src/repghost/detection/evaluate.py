@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ..training.distributed import DistContext, ShardSampler, all_gather_objects
 from .data import CategoryMap, CocoSet, collate_detection, robust
 
-__all__ = ["STAT_NAMES", "to_coco_results", "coco_metrics", "evaluate_detector"]
+__all__ = ["STAT_NAMES", "stat_names", "to_coco_results", "coco_metrics", "evaluate_detector"]
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,24 @@ def to_coco_results(output: Dict[str, torch.Tensor], image_id: int, categories: 
     return results
 
 
-def coco_metrics(coco_gt: Any, results: List[Dict[str, Any]], image_ids: Sequence[int], iou_types: Iterable[str]) -> Dict[str, Dict[str, float]]:
+def stat_names(max_dets: int = 100) -> Tuple[str, ...]:
+    """:data:`STAT_NAMES` with the recall at ``max_dets`` detections named after it (``AR100`` by default)."""
+    return tuple(f"AR{max_dets}" if n == "AR100" else n for n in STAT_NAMES)
+
+
+def coco_metrics(coco_gt: Any, results: List[Dict[str, Any]], image_ids: Sequence[int], iou_types: Iterable[str],
+                 *, max_dets: int = 100) -> Dict[str, Dict[str, float]]:
     """``{"bbox": {"AP": ..., "AP50": ...}, "segm": {...}}`` on ``image_ids``, in [0, 1] (-1: no such objects).
 
+    ``max_dets``: the detections per image COCOeval scores (its ``maxDets`` are ``1, 10, max_dets``;
+    AP is taken at ``max_dets``): the detector's ``detections_per_img``, so none it made is cut.
     No detections at all gives zeros (pycocotools cannot load an empty result list).
     """
     from pycocotools.cocoeval import COCOeval
 
+    if max_dets <= 10:  # COCOeval sorts maxDets and reads AP at the third: 1 < 10 < max_dets
+        raise ValueError(f"max_dets must be > 10 (COCOeval's recall points are 1, 10 and max_dets), got {max_dets}")
+    names = stat_names(max_dets)
     metrics: Dict[str, Dict[str, float]] = {}
     for iou_type in iou_types:
         # pycocotools' loadRes takes a result's area from its bbox when it has one, which would put
@@ -67,18 +78,19 @@ def coco_metrics(coco_gt: Any, results: List[Dict[str, Any]], image_ids: Sequenc
             entries = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
         if not entries:
             log.warning("no detections on the %d evaluated images: %s AP is 0", len(image_ids), iou_type)
-            metrics[iou_type] = {name: 0.0 for name in STAT_NAMES}
+            metrics[iou_type] = {name: 0.0 for name in names}
             continue
         text = io.StringIO()
         with contextlib.redirect_stdout(text):  # pycocotools prints its progress and table
             dt = coco_gt.loadRes(entries)
             ev = COCOeval(coco_gt, dt, iou_type)
             ev.params.imgIds = list(image_ids)
+            ev.params.maxDets = [1, 10, max_dets]
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
         log.debug("%s", text.getvalue())
-        metrics[iou_type] = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+        metrics[iou_type] = {name: float(v) for name, v in zip(names, ev.stats)}
     return metrics
 
 
@@ -93,8 +105,9 @@ def evaluate_detector(
 ) -> Dict[str, Any]:
     """COCO metrics of ``model`` on ``dataset`` (each rank runs its shard; rank 0 scores them all).
 
-    Returns ``{"bbox": {...}, "segm": {...} (Mask R-CNN), "images": n, "skipped_images": k}``
-    on every rank.
+    Returns ``{"bbox": {...}, "segm": {...} (Mask R-CNN), "images": n, "skipped_images": k,
+    "detections": d, "images_at_cap": c}`` on every rank; COCOeval scores up to the detector's
+    ``detections_per_img`` per image, and images that reach that cap are counted and warned about.
     """
     was_training = model.training
     model.eval()
@@ -107,23 +120,30 @@ def evaluate_detector(
     )
     results: List[Dict[str, Any]] = []
     seen: List[int] = []
-    skipped = 0
+    skipped = at_cap = 0
+    cap = int(getattr(getattr(model, "detector_config", None), "detections_per_img", 100))
     for images, targets, bad in loader:
         skipped += bad
         if not images:
             continue
         outputs = model([img.to(ctx.device) for img in images])
         for out, tgt in zip(outputs, targets):
+            at_cap += int(len(out["boxes"]) >= cap)
             seen.append(int(tgt["image_id"]))
             results += to_coco_results(out, int(tgt["image_id"]), dataset.categories)
     model.train(was_training)
-    gathered = all_gather_objects((results, seen, skipped))
+    gathered = all_gather_objects((results, seen, skipped, at_cap))
     all_results = [r for part in gathered for r in part[0]]
     all_ids = sorted({i for part in gathered for i in part[1]})
     total_skipped = sum(part[2] for part in gathered)
+    total_at_cap = sum(part[3] for part in gathered)
+    if total_at_cap and ctx.is_main:
+        log.warning("%d of %d images reached the detector's cap of %d detections (detections_per_img); objects past it "
+                    "go undetected: raise it (e.g. --set detections_per_img=%d) if images hold that many objects",
+                    total_at_cap, len(all_ids), cap, 3 * cap)
     kind = getattr(getattr(model, "detector_config", None), "kind", None)
     iou_types = ("bbox", "segm") if kind == "maskrcnn" else ("bbox",)
-    metrics: Dict[str, Any] = coco_metrics(dataset.coco, all_results, all_ids, iou_types) if ctx.is_main else {}
+    metrics: Dict[str, Any] = coco_metrics(dataset.coco, all_results, all_ids, iou_types, max_dets=cap) if ctx.is_main else {}
     metrics = all_gather_objects(metrics)[0]  # rank 0's, everywhere
-    metrics.update(images=len(all_ids), skipped_images=total_skipped, detections=len(all_results))
+    metrics.update(images=len(all_ids), skipped_images=total_skipped, detections=len(all_results), images_at_cap=total_at_cap)
     return metrics

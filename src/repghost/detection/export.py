@@ -69,6 +69,9 @@ def export_detector(
 ) -> ExportReport:
     """Fold and export the detector's :class:`DetectorCore`, verified in the runtime.
 
+    Folded with :func:`repghost.detection.models.fold_detector` on a copy, so every backbone is
+    exported in its deploy form: RepGhostNet re-parameterized, MobileNetV3's and GhostNet's conv-BN
+    pairs folded (``export_model``'s own re-parameterization only knows RepGhost parts).
     ``images``: real images to verify with (they set the input size after the detector's resize);
     otherwise random ones of ``size`` (default: the detector's ``min_size``) square.
     """
@@ -81,7 +84,12 @@ def export_detector(
         side = size or detector.detector_config.min_size
         g = torch.Generator().manual_seed(0)
         inputs = core_inputs(detector, [torch.rand(3, side, side, generator=g)])
-    return export_model(DetectorCore(detector).eval(), out_path, fmt, inputs=inputs, **kwargs)  # type: ignore[arg-type]
+    import copy
+
+    from .models import fold_detector
+
+    folded = fold_detector(copy.deepcopy(detector), detector.detector_config.backbone, inplace=True)
+    return export_model(DetectorCore(folded).eval(), out_path, fmt, inputs=inputs, **kwargs)  # type: ignore[arg-type]
 
 
 class FullGraphMismatch(ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -44,8 +44,11 @@ class DetectorConfig:
     rpn_proposals: int = 1000  # Mask R-CNN: proposals kept after NMS at test time (twice that in training)
     roi_batch_size: int = 512  # Mask R-CNN: sampled RoIs per image for the box head loss
     anchor_size: int = 32  # the smallest anchor (on P3 for RetinaNet, P2 for Mask R-CNN); doubles per level
-    min_size: int = 800  # torchvision's resize: shorter side, capped by max_size
+    min_size: int = 800  # torchvision's resize: shorter side, capped by max_size (evaluation; training too without train_sizes)
     max_size: int = 1333
+    # training's shortest-side jitter: torchvision's resize draws one of these per batch in training
+    # (empty: min_size only); evaluation uses min_size. Same padding (zeros after normalization) in both.
+    train_sizes: Tuple[int, ...] = ()
     trainable_stages: int = 5
     frozen_bn: bool = False
     score_thresh: float = 0.05
@@ -66,6 +69,9 @@ class DetectorConfig:
             raise ValueError(f"fpn_channels must be >= 8 and a multiple of {group} for this head, got {self.fpn_channels}")
         if not 0 < self.min_size <= self.max_size:
             raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
+        object.__setattr__(self, "train_sizes", tuple(int(v) for v in self.train_sizes))  # from JSON: a list
+        if any(v < 1 for v in self.train_sizes):
+            raise ValueError(f"train_sizes must be positive shortest sides, got {list(self.train_sizes)}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,7 +172,10 @@ def build_detector(cfg: DetectorConfig, *, backbone_weights: Optional[str] = Non
         trainable_stages=cfg.trainable_stages,
         frozen_bn=cfg.frozen_bn,
     )
-    common = dict(min_size=cfg.min_size, max_size=cfg.max_size)
+    # torchvision's GeneralizedRCNNTransform takes a tuple of shortest sides: training draws one per
+    # batch, evaluation takes the last; so the evaluation size goes last.
+    sizes = tuple(v for v in cfg.train_sizes if v != cfg.min_size) + (cfg.min_size,) if cfg.train_sizes else cfg.min_size
+    common = dict(min_size=sizes, max_size=cfg.max_size)
     build = {"retinanet": _retinanet, "fcos": _fcos, "maskrcnn": _maskrcnn}[cfg.kind]
     detector = build(cfg, backbone, common)
     if channels_last:

@@ -50,15 +50,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..files import published_folder
 
 __all__ = [
     "CATEGORIES",
@@ -328,11 +328,8 @@ def make_synthetic_coco(
         if any(root.iterdir()) and not (root / "meta.json").is_file():
             raise FileExistsError(f"{root} is not empty and holds no synthetic set; refusing to replace it")
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     start = time.perf_counter()
-    try:
-        os.mkdir(tmp)  # mode 0o777 less the umask, like any folder the user makes
+    with published_folder(root, same=lambda folder: _is_complete(folder, meta)) as tmp:
         os.mkdir(tmp / "images")
         cats = categories(non_contiguous_ids)
         counts = [
@@ -341,39 +338,6 @@ def make_synthetic_coco(
         ]
         with open(tmp / "meta.json", "w") as f:  # written last: its presence marks a complete set
             json.dump(meta, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _move_into_place(tmp, root, meta)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote synthetic COCO set to %s: %d/%d images, %d/%d objects (train/val), %.1f s",
              root, train_images, val_images, counts[0], counts[1], time.perf_counter() - start)
     return root
-
-
-def _move_into_place(tmp: Path, root: Path, meta: dict[str, Any]) -> None:
-    """Rename ``tmp`` to ``root``. An empty ``root`` is replaced by the rename itself; one holding a
-    set made with other arguments is moved aside first and deleted after; when ``root`` meanwhile
-    got the same set (a concurrent call), ``tmp`` is left for the caller to delete."""
-    for _attempt in range(3):
-        try:
-            os.rename(tmp, root)
-            return
-        except OSError:
-            if not root.exists():
-                raise
-        if _is_complete(root, meta):
-            log.debug("a concurrent call already wrote the synthetic set to %s", root)
-            return
-        old = root.parent / f".{root.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(root, old)
-        except FileNotFoundError:
-            continue
-        try:
-            os.rename(tmp, root)
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-        return
-    raise OSError(f"could not move the synthetic set into {root}")

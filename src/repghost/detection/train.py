@@ -6,9 +6,15 @@ scheduler (stepped per update), a run folder with ``config.yaml``, ``metrics.jso
 box AP, mask AP for Mask R-CNN), and at the end ``deploy.safetensors`` (the backbone folded; its
 outputs checked against the train form) and ``final.json``.
 
+Before every evaluation the backbone's trained BatchNorm statistics are recomputed over
+``precise_bn_images`` training images (:mod:`.precise_bn`), so every evaluation, every saved
+detector and the deploy file (folded from ``best.safetensors``) use current statistics, computed
+the same way for every backbone.
+
 Resume (``resume=True``) continues from ``last.pth`` at the epoch it reached. Each epoch draws its
-randomness from ``(seed, epoch)`` alone (sampler order, augmentation, dropout), so a resumed run
-makes the same updates as one that was never stopped.
+randomness from ``(seed, epoch, rank)`` mixed by :func:`repghost.training.setup.epoch_seed` alone
+(sampler order, augmentation, dropout), so a resumed run makes the same updates as one that was
+never stopped, and seed k+1 never replays seed k one epoch later.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,15 +38,19 @@ from ..training.distributed import (
 )
 from ..training.epoch import NonFiniteLossError, NoTrainingStepError
 from ..training.logs import RunLog
-from ..training.setup import configure_backends, seed_all
-from ..training.config import save_config
+from ..training.setup import configure_backends, epoch_seed, seed_all
+from ..training.config import resolve_warmup, save_config
 from .config import RUN_IDENTITY, DetectTrainConfig
-from .data import CocoSet, collate_detection, robust, train_transforms
+from .data import CategoryMap, CocoSet, collate_detection, robust, train_transforms
 from .evaluate import evaluate_detector
 from .files import categories_to_dict, save_detector
 from .models import create_detector, fold_detector
+from .precise_bn import precise_bn_subset, recompute_bn_statistics
 
-__all__ = ["train_detector", "resume_detect_config", "BEST_DETECTOR", "DEPLOY_DETECTOR", "detection_files", "fold_and_check"]
+if TYPE_CHECKING:
+    from ..training.loop import TrainCallbacks
+
+__all__ = ["train_detector", "epoch_loader", "resume_detect_config", "BEST_DETECTOR", "DEPLOY_DETECTOR", "detection_files", "fold_and_check"]
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +94,10 @@ def _prepare_run_dir(cfg: DetectTrainConfig, resume: bool, ctx: DistContext) -> 
     return run_dir
 
 
-def _datasets(cfg: DetectTrainConfig) -> Tuple[CocoSet, CocoSet]:
+def _datasets(cfg: DetectTrainConfig) -> Tuple[CocoSet, CocoSet, Any]:
     files = detection_files(cfg)
     masks = cfg.detector == "maskrcnn"
-    aug = train_transforms(cfg.img_size, scale_range=tuple(cfg.scale_range), hflip=cfg.hflip, vflip=cfg.vflip)  # type: ignore[arg-type]
+    aug = train_transforms(hflip=cfg.hflip, vflip=cfg.vflip)  # the size jitter is the detector's (cfg.train_sizes)
     train_set = CocoSet(files["train_ann"], files["train_images"], masks=masks, transforms=aug)
     val_set = CocoSet(files["val_ann"], files["val_images"], masks=False)
     if val_set.categories.ids != train_set.categories.ids:
@@ -94,7 +105,31 @@ def _datasets(cfg: DetectTrainConfig) -> Tuple[CocoSet, CocoSet]:
             f"the validation file's categories {list(val_set.categories.ids)} differ from the training file's "
             f"{list(train_set.categories.ids)}; both files must list the same categories"
         )
-    return train_set, val_set
+    # Precise BN's images: training images at the evaluation geometry (no augmentation).
+    bn_set = precise_bn_subset(CocoSet(files["train_ann"], files["train_images"], masks=False), cfg.precise_bn_images) if cfg.precise_bn_images else None
+    return train_set, val_set, bn_set
+
+
+def epoch_loader(cfg: DetectTrainConfig, ctx: DistContext, train_set: CocoSet, epoch: int) -> DataLoader:
+    """This epoch's training loader, with this epoch's randomness set up.
+
+    The global RNGs (augmentation in the main process, the detector's size jitter, dropout) and the
+    loader's generator (the workers' seeds) start from ``epoch_seed(seed, epoch, rank)``; the sampler's
+    permutation from ``epoch_seed(seed, epoch, 0)`` (the same on every rank, so the ranks' shards
+    partition it). torch's ``DistributedSampler`` draws its permutation from ``seed + epoch``, so it
+    is given the mixed seed and epoch 0.
+    """
+    seed_all(epoch_seed(cfg, epoch, ctx.rank))  # type: ignore[arg-type]  (uses cfg.seed only)
+    sampler = DistributedSampler(
+        train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+        seed=epoch_seed(cfg, epoch, 0), drop_last=True,  # type: ignore[arg-type]
+    )
+    sampler.set_epoch(0)
+    return DataLoader(
+        robust(train_set), batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+        collate_fn=collate_detection, drop_last=True, persistent_workers=False,
+        generator=torch.Generator().manual_seed(epoch_seed(cfg, epoch, ctx.rank)),  # type: ignore[arg-type]
+    )
 
 
 def _optimization(cfg: DetectTrainConfig, model: nn.Module, steps_per_epoch: int):
@@ -106,8 +141,12 @@ def _optimization(cfg: DetectTrainConfig, model: nn.Module, steps_per_epoch: int
         raise ValueError("nothing to train: every parameter is frozen (raise trainable_stages or unfreeze the heads)")
     trainable = nn.ParameterList(params)  # timm's optimizer factory takes a module; frozen parameters stay out
     optimizer = create_optimizer_v2(trainable, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    warmup = resolve_warmup(cfg)  # type: ignore[arg-type]  (reads epochs and warmup_epochs)
+    if warmup != cfg.warmup_epochs:
+        log.info("warmup_epochs %s is not shorter than the run (%d epochs): warming up for %s epochs instead",
+                 cfg.warmup_epochs, cfg.epochs, warmup)
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=warmup, warmup_lr=cfg.warmup_lr,
         min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
     )
     return optimizer, scheduler
@@ -147,7 +186,25 @@ def fold_and_check(model: nn.Module, images: list, *, rtol: float = 1e-3) -> Tup
     return folded, worst
 
 
-def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler, epoch, runlog, steps, last_path) -> Dict[str, Any]:
+@dataclass
+class DetectRun:
+    """What one detection run trains with, besides its config and process context: the model (and
+    ``forward``, its DDP wrapper or itself), what updates it, the optimizer steps per epoch, and the
+    checkpoint a non-finite loss points back to. The detection counterpart of the classification
+    trainer's :class:`repghost.training.setup.Optimization`."""
+
+    model: nn.Module
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a timm scheduler, stepped per update
+    scaler: torch.amp.GradScaler
+    steps: int
+    last_path: Path
+
+
+def _train_epoch(cfg: DetectTrainConfig, ctx: DistContext, run: DetectRun, loader: DataLoader, epoch: int, runlog: RunLog) -> Dict[str, Any]:
+    model, forward, optimizer, scheduler, scaler = run.model, run.forward, run.optimizer, run.scheduler, run.scaler
+    steps, last_path = run.steps, run.last_path
     forward.train()
     totals: Dict[str, float] = {}
     images_seen = skipped = dropped = done = 0
@@ -222,11 +279,11 @@ def _train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler,
     return record
 
 
-def train_detector(cfg: DetectTrainConfig, *, resume: bool = False, callbacks: Any = None) -> Dict[str, Any]:
+def train_detector(cfg: DetectTrainConfig, *, resume: bool = False, callbacks: Optional[TrainCallbacks] = None) -> Dict[str, Any]:
     """Train (or resume) a detector run; returns the final summary (also ``final.json``).
 
-    ``callbacks``: as for :func:`repghost.training.loop.train` (``on_epoch_start``, ``on_step``,
-    ``on_epoch_end``), e.g. the CLI's progress bar.
+    ``callbacks``: :class:`repghost.training.loop.TrainCallbacks`, as for the classification trainer
+    (``on_epoch_start``, ``on_step``, ``on_epoch_end``), e.g. the CLI's progress bar.
     """
     if cfg.device is not None and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but this machine has no CUDA GPU; drop --device or use cpu")
@@ -237,18 +294,18 @@ def train_detector(cfg: DetectTrainConfig, *, resume: bool = False, callbacks: A
         shutdown()
 
 
-def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: Any) -> Dict[str, Any]:
+def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: Optional[TrainCallbacks]) -> Dict[str, Any]:
     configure_backends(ctx.device, cfg.deterministic)
     if cfg.output is None:  # set before the data: --data synthetic writes its set inside the run folder
         cfg.output = str(Path("runs") / f"{cfg.detector}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
-    train_set, val_set = _datasets(cfg)  # errors about the data come before the run folder exists
+    train_set, val_set, bn_set = _datasets(cfg)  # errors about the data come before the run folder exists
     run_dir = _prepare_run_dir(cfg, resume, ctx)
     seed_all(cfg.seed)
     model = create_detector(
         cfg.detector, cfg.backbone, len(train_set.categories), preset=cfg.preset,
         backbone_weights=cfg.backbone_weights if not resume else None, **{k: v for k, v in cfg.detector_options().items()},
     ).to(ctx.device)
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, drop_last=True)  # for its length
     steps = len(sampler) // cfg.batch_size
     if steps == 0:
         raise NoTrainingStepError(
@@ -284,20 +341,17 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: An
     if ctx.distributed:
         forward = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     categories = train_set.categories
+    run = DetectRun(model, forward, optimizer, scheduler, scaler, steps, last_path)
     with RunLog(run_dir, ctx, epochs=cfg.epochs, tensorboard=False, callbacks=callbacks) as runlog:
         for epoch in range(start, cfg.epochs):
             started = time.perf_counter()
-            seed_all(cfg.seed * 100003 + epoch * 1009 + ctx.rank)  # this epoch's randomness, and nothing else's
-            sampler.set_epoch(epoch)
-            loader = DataLoader(
-                robust(train_set), batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                collate_fn=collate_detection, drop_last=True, persistent_workers=False,
-                generator=torch.Generator().manual_seed(cfg.seed + epoch),
-            )
+            loader = epoch_loader(cfg, ctx, train_set, epoch)  # this epoch's randomness, and nothing else's
             runlog.epoch_start(epoch, steps)
             record: Dict[str, Any] = {"epoch": epoch}
-            record.update(_train_epoch(cfg, ctx, model, forward, loader, optimizer, scheduler, scaler, epoch, runlog, steps, last_path))
+            record.update(_train_epoch(cfg, ctx, run, loader, epoch, runlog))
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                if bn_set is not None:  # precise BN: every backbone's statistics current, and computed the same way
+                    recompute_bn_statistics(model, bn_set, ctx=ctx, batch_size=cfg.batch_size, workers=cfg.workers)
                 metrics = evaluate_detector(model, val_set, ctx=ctx, batch_size=cfg.batch_size, workers=cfg.workers)
                 record.update(_flatten(metrics))
                 score = _score(cfg, metrics)
@@ -320,7 +374,8 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: An
     return _finish(cfg, ctx, run_dir, model, (train_set, val_set), best, categories)
 
 
-def _finish(cfg, ctx, run_dir: Path, model: nn.Module, sets: Tuple[CocoSet, CocoSet], best: Dict[str, Any], categories) -> Dict[str, Any]:
+def _finish(cfg: DetectTrainConfig, ctx: DistContext, run_dir: Path, model: nn.Module, sets: Tuple[CocoSet, CocoSet],
+            best: Dict[str, Any], categories: CategoryMap) -> Dict[str, Any]:
     """Fold the best weights into ``deploy.safetensors`` (checked on validation images) and write ``final.json``."""
     from .files import load_detector
 
@@ -344,7 +399,8 @@ def _finish(cfg, ctx, run_dir: Path, model: nn.Module, sets: Tuple[CocoSet, Coco
         parameters=sum(p.numel() for p in folded.parameters()),
         annotation_report={"train": train_set.report.to_dict(), "val": val_set.report.to_dict()},
     )
-    text = json.dumps(summary, indent=2)
+    # The record holds no machine path: its run folder is the folder it lies in.
+    text = json.dumps(dict(summary, run="."), indent=2)
     atomic_write(run_dir / FINAL, lambda tmp: Path(tmp).write_text(text))
     if not math.isfinite(diff):
         raise RuntimeError("the folded detector produced non-finite boxes")
