@@ -1,6 +1,6 @@
 """What the keys, shapes and records of a checkpoint say about the model that made it.
 
-Key layouts (architecture.md, section 5):
+Key layouts (docs/design.md, "Module names and checkpoint layouts"):
 
 * ``authors-train``  -- the authors' release and timm's port: ``conv_stem``, ``primary_conv.0``,
   ``cheap_operation.0/1``, ``fusion_bn.0``, ... (672 keys at every width).

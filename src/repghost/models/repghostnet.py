@@ -74,7 +74,7 @@ class RepGhostConfig:
 
 
 class RepGhostModule(nn.Module):
-    """RepGhost module (architecture.md, section 1).
+    """RepGhost module (the paper's Figure 3; docs/design.md, "The RepGhost module and bottleneck").
 
     Train form: ``x1 = primary(x)``; ``y = cheap(x1) + fusion(x1)``; ``out = act(y)``, where
     ``primary`` is a 1x1 conv-BN(-ReLU), ``cheap`` a 3x3 depthwise conv-BN and ``fusion`` the
@@ -155,7 +155,7 @@ class RepGhostModule(nn.Module):
 
 
 class RepGhostBottleneck(nn.Module):
-    """RepGhost bottleneck (architecture.md, section 2)."""
+    """RepGhost bottleneck (docs/design.md, "The RepGhost module and bottleneck")."""
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """Training configuration: the paper's recipe as defaults, YAML files, command-line overrides.
 
-The defaults are the recipe of ``shared/spec/training-recipe.md`` (global batch 1024 = 8 GPUs x
-128). ``batch_size`` is per process; the learning rate is ``lr_base`` scaled linearly from
+The defaults are the paper's ImageNet training recipe (docs/training.md lists it; global batch
+1024 = 8 GPUs x 128). ``batch_size`` is per process; the learning rate is ``lr_base`` scaled linearly from
 ``lr_base_batch`` to the global batch unless ``lr`` is set explicitly.
 
 Every field is checked when a :class:`TrainConfig` is made (type and range; optimizer, schedule
@@ -15,6 +15,8 @@ import dataclasses
 import functools
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -120,38 +122,54 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 def check_field_types(config: Any) -> None:
     """Check and normalize every field of a config dataclass against its annotation (bool, int,
-    float, str, List[float], optionally Optional); ``ValueError`` naming the field if one is wrong."""
+    float, str, List[float]/list[float], each optionally Optional[...] or ``... | None``);
+    ``ValueError`` naming the field if one is wrong."""
+    hints = _field_types(type(config))
     for f in dataclasses.fields(config):
-        setattr(config, f.name, _checked_type(f.name, f.type, getattr(config, f.name)))
+        setattr(config, f.name, _checked_type(f.name, hints[f.name], getattr(config, f.name)))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> Dict[str, Any]:
+    # the annotations are strings (``from __future__ import annotations``); typing evaluates them
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(annotation: Any) -> Tuple[Any, bool]:
+    """``(T, True)`` for ``Optional[T]`` / ``T | None``, ``(annotation, False)`` otherwise."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2:
+            return rest[0], True
+    return annotation, False
 
 
 def _checked_type(name: str, annotation: Any, value: Any) -> Any:
-    text = str(annotation)
-    optional = text.startswith("Optional[")
-    kind = text[len("Optional[") : -1] if optional else text
-    if value is None or (optional and kind == "str" and value == ""):
+    kind, optional = _unwrap_optional(annotation)
+    if value is None or (optional and kind is str and value == ""):
         if optional:
             return None
         raise ValueError(f"{name} must be set (got null)")
-    if kind == "bool":
+    if kind is bool:
         if isinstance(value, bool):
             return value
         raise ValueError(f"{name} must be true or false, got {value!r}")
-    if kind == "int":
+    if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if kind == "float":
+    if kind is float:
         return _number(name, value)
-    if kind == "str":
+    if kind is str:
         if isinstance(value, str) and value.strip():
             return value
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    if kind == "List[float]":
+    if typing.get_origin(kind) is list and typing.get_args(kind) == (float,):
         if isinstance(value, (list, tuple)):
             return [_number(f"{name}[{i}]", v) for i, v in enumerate(value)]
         raise ValueError(f"{name} must be a list of numbers, got {value!r}")
-    raise TypeError(f"no check for field {name} of type {text}")  # a new field needs a kind here
+    raise TypeError(f"no check for field {name} of type {annotation}")  # a new field needs a kind here
 
 
 def _number(name: str, value: Any) -> float:
