@@ -26,6 +26,7 @@ import yaml
 from ..files import atomic_write
 from .data import DATASETS
 from ..models import config as C
+from ..models.repghostnet import VARIANT_CHOICES, VARIANT_DEFAULTS, VARIANT_FIELDS
 
 __all__ = ["TrainConfig", "load_config", "load_dataclass_config", "check_field_types", "is_timm_model", "VARIANT_FIELDS", "resolve_lr", "resolve_warmup", "save_config", "timm_schedules"]
 
@@ -40,11 +41,12 @@ class TrainConfig:
     num_classes: Optional[int] = None  # None: the dataset's
     pretrained: Optional[str] = None
     drop_rate: float = C.DEFAULT_DROP_RATE
-    # model variant (the paper's ablations; RepGhostNet models only)
-    reparam: str = "bn"  # the re-parameterization branch: "bn" (the paper's), "identity" (no BN), "none"
-    identity_shortcut: bool = True
-    se: bool = True
-    relu_position: str = "post"  # "pre": ReLU before the sum (no deploy form)
+    # model variant (the paper's ablations; RepGhostNet models only): RepGhostConfig's variant
+    # fields, with its defaults and choices (VARIANT_FIELDS; a test keeps the two lists equal)
+    reparam: str = VARIANT_DEFAULTS["reparam"]  # type: ignore[assignment]
+    identity_shortcut: bool = VARIANT_DEFAULTS["identity_shortcut"]  # type: ignore[assignment]
+    se: bool = VARIANT_DEFAULTS["se"]  # type: ignore[assignment]
+    relu_position: str = VARIANT_DEFAULTS["relu_position"]  # type: ignore[assignment]
     # data
     data: str = "imagefolder"
     data_root: Optional[str] = None
@@ -198,8 +200,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
         _check_timm_model(cfg)
     elif cfg.model not in C.WIDTHS:
         raise ValueError(f"unknown model {cfg.model!r}; valid: {', '.join(C.WIDTHS)}, or timm:NAME (a timm model)")
-    need(cfg.reparam in REPARAM_KINDS, "reparam", f"one of {', '.join(REPARAM_KINDS)}")
-    need(cfg.relu_position in RELU_POSITIONS, "relu_position", f"one of {', '.join(RELU_POSITIONS)}")
+    for name, choices in VARIANT_CHOICES.items():
+        need(getattr(cfg, name) in choices, name, f"one of {', '.join(map(str, choices))}")
     if cfg.data not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.data!r}; valid: {', '.join(DATASETS)}")
     for name in ("epochs", "img_size", "lr_base_batch", "recount", "eval_every", "log_interval"):
@@ -242,10 +244,6 @@ def _check_ranges(cfg: TrainConfig) -> None:
 
 
 TIMM_PREFIX = "timm:"
-REPARAM_KINDS = ("bn", "identity", "none")
-RELU_POSITIONS = ("post", "pre")
-VARIANT_FIELDS = ("reparam", "identity_shortcut", "se", "relu_position")
-_VARIANT_DEFAULTS = {"reparam": "bn", "identity_shortcut": True, "se": True, "relu_position": "post"}
 
 
 def is_timm_model(name: str) -> bool:
@@ -259,7 +257,7 @@ def _check_timm_model(cfg: TrainConfig) -> None:
     arch = cfg.model[len(TIMM_PREFIX) :]
     if not arch or not timm.is_model(arch):
         raise ValueError(f"model {cfg.model!r}: timm has no model {arch!r} (see timm.list_models())")
-    changed = [k for k, v in _VARIANT_DEFAULTS.items() if getattr(cfg, k) != v]
+    changed = [k for k, v in VARIANT_DEFAULTS.items() if getattr(cfg, k) != v]
     if changed:
         raise ValueError(f"{', '.join(changed)} are RepGhostNet variant options; a timm model ({cfg.model}) takes none of them")
 
