@@ -1,6 +1,6 @@
 """Checkpoints found in the wild: the authors'/timm layouts, this project's files, bad input.
 
-The authors' release and timm's port share one key layout (architecture.md, section 5), so files in
+The authors' release and timm's port share one key layout (docs/design.md, "Module names and checkpoint layouts"), so files in
 that layout are made here from timm's independent implementation, with randomized BN statistics.
 """
 

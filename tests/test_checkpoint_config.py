@@ -316,3 +316,44 @@ def test_create_model_says_what_it_assumes_for_a_file_that_records_nothing(tmp_p
     with caplog.at_level(logging.INFO, logger="repghost"):
         loaded = repghost.create_model("repghostnet_050", pretrained=own_path)
     assert "assuming" not in caplog.text and loaded.cfg.identity_shortcut is False
+
+
+# ---- one place for each idea ------------------------------------------------------------------
+def test_layouts_is_pure_and_resolution_is_one_function():
+    """layouts.py reads no files and builds no models (so files.py may import it without a cycle);
+    create_model and model_from_checkpoint resolve a file's configuration through resolve_config."""
+    import ast
+    import inspect
+
+    import repghost.checkpoint.layouts as layouts
+    import repghost.create as create
+    from repghost.checkpoint import resolve
+
+    imported = {(n.module or "") + ":" + a.name for n in ast.walk(ast.parse(inspect.getsource(layouts)))
+                if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not [i for i in imported if i.startswith(("files:", "load:", "resolve:", "..reparam"))
+                or i.endswith((":RepGhostNet", ":Checkpoint"))], imported
+    assert "resolve_config(" in inspect.getsource(create) and "recorded_config" not in inspect.getsource(create)
+    assert "resolve_config(" in inspect.getsource(resolve.infer_config)
+
+
+def test_the_variant_table_is_the_configs_fields():
+    """Every variant option is a field of RepGhostConfig with its default and choices, and the
+    training config, the ablation variants and the convert command use that table."""
+    import dataclasses
+
+    from repghost.ablation.variants import VARIANTS, variant_overrides
+    from repghost.models import VARIANT_CHOICES, VARIANT_DEFAULTS, VARIANT_FIELDS, RepGhostConfig
+    from repghost.training.config import TrainConfig
+
+    assert VARIANT_FIELDS == ("reparam", "identity_shortcut", "se", "relu_position")
+    paper = RepGhostConfig()
+    assert VARIANT_DEFAULTS == {k: getattr(paper, k) for k in VARIANT_FIELDS}
+    assert VARIANT_CHOICES["reparam"] == ("bn", "identity", "none") and VARIANT_CHOICES["se"] == (True, False)
+    train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert {k: train[k] for k in VARIANT_FIELDS} == VARIANT_DEFAULTS
+    assert variant_overrides(VARIANTS["no-se"], "repghostnet_050") == dict(VARIANT_DEFAULTS, se=False)
+    from repghost.cli import build_parser
+
+    flags = build_parser()._subparsers._group_actions[0].choices["convert"].format_help()
+    assert all(f in flags for f in ("--reparam", "--no-identity-shortcut", "--no-se", "--relu-position"))

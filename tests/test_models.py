@@ -9,7 +9,7 @@ import repghost
 from repghost.models.complexity import count_macs, count_params
 from repghost.models.repghostnet import RepGhostNet
 
-# architecture.md, section 4 (train form): params exactly, conv+linear MACs (M) at 224x224.
+# The paper's table (train form; docs/design.md, "Architecture as data"): params exactly, conv+linear MACs (M) at 224x224.
 SPEC = {
     "repghostnet_050": (2_313_968, 43.315),
     "repghostnet_058": (2_546_388, 59.804),
@@ -116,7 +116,7 @@ def test_channels_last_is_the_default_and_optional():
         assert before == after
 
 
-# 1.0x: channels of the LAST block at each resolution (architecture.md, section 6)
+# 1.0x: channels of the LAST block at each resolution (docs/design.md, "Multi-scale features")
 EXPECTED_TAPS_100 = [(16, 2), (24, 4), (40, 8), (112, 16), (960, 32)]
 
 

@@ -101,6 +101,14 @@ def test_onnx_int8_file_holds_integer_ops_and_agrees(trained, tmp_path, capsys):
     assert "7-bit (largest |w| " in text
     meta = onnx_metadata(out)
     assert json.loads(meta["num_classes"]) == 10 and json.loads(meta["eval_transform"])["img_size"] == 32
+    # the report beside the file: what it measured, on which images (dataset indices of two splits)
+    record = json.loads((tmp_path / "int8.onnx.json").read_text())
+    report = record["report"]
+    assert report["path"] == "int8.onnx" and report["weight_range"] == onnx_weight_range(out)
+    assert f"agreement with float {report['top1_agreement']:.1%}" in text and "cpu" in report
+    assert 0 <= report["int8_top1"] <= 1 and 0 <= report["float_top1"] <= 1  # synthetic images have labels
+    assert record["calibration"] == {"source": "synthetic train split", "count": 64, "indices": list(range(64))}
+    assert record["verification"] == {"source": "synthetic val split", "count": 64, "indices": list(range(64))}
     # repghost eval scores the int8 file in ONNX Runtime, with the transform it carries
     assert main(["eval", "--checkpoint", str(out), "--data", "synthetic", "--json", "-j", "0"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -120,6 +128,7 @@ def test_executorch_int8_runs_agrees_and_is_scored_by_eval(trained, tmp_path, ca
     line = [x for x in text.splitlines() if "agreement" in x][0]
     assert float(line.split("float ")[1].split("%")[0]) > 50.0
     assert "int8.pte.json" in text
+    assert json.loads((tmp_path / "int8.pte.json").read_text())["report"]["format"] == "executorch"
     assert out.stat().st_size < 1.5e6  # int8 weights: about a quarter of the 4.2 MB float file
     result = _eval(out, capsys)
     assert result["form"] == "int8" and result["layout"] == "executorch" and result["transform"]["img_size"] == 32
@@ -137,12 +146,67 @@ def test_mnn_int8_runs_agrees_and_is_scored_by_eval(trained, tmp_path, capsys):
     assert "(ema)" in text and float(text.split("agreement with float ")[1].split("%")[0]) > 30.0
     assert out.stat().st_size < 1.5e6  # int8 weights: the float MNN file is 4.2 MB
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.mnn", "int8.mnn.json"]  # no calibration images left
+    record = json.loads((tmp_path / "int8.mnn.json").read_text())  # eval's record and the report share the file
+    assert record["report"]["method"] == "ema" and record["num_classes"] == 10 and record["verification"]["count"] == 64
     result = _eval(out, capsys)
     assert result["form"] == "int8" and result["layout"] == "mnn" and 0 <= result["top1"] <= 100
     # without the record beside it, eval says what is missing instead of guessing a transform
     (tmp_path / "int8.mnn.json").unlink()
     assert main(["eval", "--checkpoint", str(out), "--data", "synthetic", "-j", "0"]) == 2
     assert "int8.mnn.json" in capsys.readouterr().err
+
+
+def _image_folder(folder: Path, names) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / name)
+
+
+@pytest.mark.parametrize("layout", ["flat", "train-only"])
+def test_a_folder_without_a_val_part_is_split_into_disjoint_calibration_and_verification_images(
+    trained, tmp_path, capsys, layout
+):
+    """A folder with no train/ + val/ pair has one list of images: quantize calibrates on some and
+    verifies on others, and the report beside the file names both sets."""
+    data = tmp_path / "data"
+    prefix = "train/" if layout == "train-only" else ""
+    _image_folder(data, [f"{prefix}{c}/{i:02d}.png" for c in ("a", "b") for i in range(15)])  # 30 images
+    out = tmp_path / "int8.onnx"
+    assert main(["quantize", "--checkpoint", str(trained), "--format", "onnx", "--out", str(out), "--calib-data",
+                 str(data), "--calib-count", "12", "--verify-count", "10", "--min-agreement", "0"]) == 0
+    text = capsys.readouterr().out
+    record = json.loads((tmp_path / "int8.onnx.json").read_text())
+    calib, verify = set(record["calibration"]["files"]), set(record["verification"]["files"])
+    assert len(calib) == 12 and len(verify) == 10 and not calib & verify
+    assert all(name.startswith(prefix) and (data / name).is_file() for name in calib | verify)
+    assert record["report"]["calibration_images"] == 12 and record["report"]["verify_images"] == 10
+    assert record["report"]["int8_top1"] is None  # two class folders, ten model classes: no labels to score
+    assert "10 other images" in text and "int8.onnx.json" in text
+    # too few images for two disjoint sets of the asked sizes: a clear refusal, no file
+    out.unlink()
+    (tmp_path / "int8.onnx.json").unlink()
+    assert main(["quantize", "--checkpoint", str(trained), "--format", "onnx", "--out", str(out), "--calib-data",
+                 str(data), "--calib-count", "25", "--verify-count", "10"]) == 2
+    assert "disjoint" in capsys.readouterr().err and not out.exists() and not (tmp_path / "int8.onnx.json").exists()
+
+
+def test_disjoint_sets_from_train_and_val_folders_and_refused_when_they_share_files(tmp_path):
+    from repghost.deploy.verify import load_disjoint_sets
+
+    data = tmp_path / "data"
+    _image_folder(data, [f"{split}/{c}/{i}.png" for split in ("train", "val") for c in ("a", "b") for i in range(4)])
+    calib, verify = load_disjoint_sets(data, 5, 3, transform={"img_size": 32})
+    assert all(f.startswith("train/") for f in calib.record()["files"]) and len(calib.items) == 5
+    assert all(f.startswith("val/") for f in verify.record()["files"]) and verify.labels is not None
+    assert verify.num_classes == 2 and set(verify.labels) <= {0, 1}
+    (data / "val" / "a" / "0.png").unlink()
+    (data / "val" / "a" / "0.png").symlink_to(data / "train" / "a" / "0.png")  # the same image in both parts
+    with pytest.raises(ValueError, match="hold the same images"):
+        load_disjoint_sets(data, 8, 8, transform={"img_size": 32})
 
 
 def test_each_format_defaults_to_its_first_calibration_method():
@@ -185,6 +249,9 @@ def test_compare_logits():
     ref = np.array([[1.0, 2.0, 0.0], [3.0, 0.0, 1.0]])
     stats = compare_logits(ref, ref + np.array([[0.0, 0.0, 3.0], [0.0, 0.0, 0.0]]))
     assert stats["top1_agreement"] == 0.5 and stats["max_rel_logit_error"] == pytest.approx(1.0)
+    assert "int8_top1" not in stats
+    stats = compare_logits(ref, ref + np.array([[0.0, 0.0, 3.0], [0.0, 0.0, 0.0]]), labels=[2, 0])
+    assert stats["float_top1"] == 0.5 and stats["int8_top1"] == 1.0
     with pytest.raises(QuantizationError, match="non-finite"):
         compare_logits(ref, ref * np.nan)
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import pytest
 import torch
@@ -123,6 +124,37 @@ def test_config_values_are_normalized():
     # YAML 1.1 reads 1e-5 (no dot) as text; --set weight_decay=1e-5 must still mean the number
     cfg = load_config(None, {"weight_decay": "1e-5", "lr": 1, "scale": [0.5, 1], "auto_augment": ""})
     assert cfg.weight_decay == 1e-5 and isinstance(cfg.lr, float) and cfg.scale == [0.5, 1.0] and cfg.auto_augment is None
+
+
+def test_field_types_are_read_from_the_annotations_in_either_spelling():
+    """`Optional[str]` and `str | None`, `List[float]` and `list[float]` are the same check (the
+    annotations are strings under `from __future__ import annotations`; typing evaluates them)."""
+    import dataclasses
+
+    from repghost.training.config import check_field_types
+
+    @dataclasses.dataclass
+    class Both:
+        old: Optional[str] = None
+        new: str | None = None
+        count: int | None = 1
+        sizes: list[float] = dataclasses.field(default_factory=lambda: [1, 2])
+        more: List[float] = dataclasses.field(default_factory=lambda: [3])
+
+    cfg = Both(old="", new="", count=None)
+    check_field_types(cfg)
+    assert cfg.old is None and cfg.new is None and cfg.sizes == [1.0, 2.0] and isinstance(cfg.more[0], float)
+    for field, value, message in (("new", 3, "new must be a non-empty string"), ("count", 2.5, "count must be a whole"),
+                                  ("sizes", "big", "sizes must be a list of numbers")):
+        with pytest.raises(ValueError, match=message):
+            check_field_types(Both(**{field: value}))
+
+    @dataclasses.dataclass
+    class Unknown:
+        mapping: dict | None = None
+
+    with pytest.raises(TypeError, match="no check for field mapping"):
+        check_field_types(Unknown(mapping={"a": 1}))
 
 
 def test_a_bad_value_on_the_command_line_is_one_line(tmp_path, capsys):

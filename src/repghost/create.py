@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Dict, Mapping, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_checkpoint
-from .checkpoint.layouts import VARIANT_OPTIONS, num_classes_in, recorded_config
+from .checkpoint import load_checkpoint, read_checkpoint, resolve_config
 from .models import RepGhostConfig, RepGhostFeatures, RepGhostNet, list_models
 from .models.config import WIDTHS
 from .reparam import reparameterize_model
@@ -24,10 +23,9 @@ __all__ = ["create_model", "HUB_REPO"]
 
 log = logging.getLogger(__name__)
 
-_OPTIONS = ("num_classes", "in_chans", "drop_rate", "reparam", "identity_shortcut", "se", "relu_position")
+# The keyword options: every RepGhostConfig field but the width (the name's) and the form (``deploy``).
+_OPTIONS = tuple(f.name for f in dataclasses.fields(RepGhostConfig) if f.name not in ("width", "deploy"))
 HUB_REPO = "timm/{name}.in1k"  # where timm publishes the authors' weights (safetensors, authors' keys)
-# Options a checkpoint's record supplies when the caller leaves them out (and must agree with).
-FILE_OPTIONS = VARIANT_OPTIONS + ("in_chans",)
 
 
 def _download_published(name: str) -> str:
@@ -49,38 +47,6 @@ def _download_published(name: str) -> str:
         ) from exc
 
 
-_SHAPELESS_DEFAULTS = {"identity_shortcut": True, "relu_position": "post"}
-
-
-def _options_from_file(ckpt: Checkpoint, given: Mapping[str, object]) -> Dict[str, object]:
-    """The caller's options completed from what the file records; ``CheckpointError`` on a clash."""
-    recorded = recorded_config(ckpt)
-    clash = [k for k in FILE_OPTIONS if k in recorded.values and k in given and given[k] != recorded.values[k]]
-    if clash:
-        said = ", ".join(f"{k}={recorded.values[k]!r} (passed: {k}={given[k]!r})" for k in clash)
-        raise CheckpointError(
-            f"{ckpt.path}: {recorded.source} records {said}. Leave these options out to use the "
-            "file's, or pass the checkpoint that was trained with them."
-        )
-    options = dict(given)
-    taken = {k: recorded.values[k] for k in FILE_OPTIONS if k in recorded.values and k not in given}
-    if taken:
-        options.update(taken)
-        log.info("%s: using %s from %s", ckpt.path, ", ".join(f"{k}={v!r}" for k, v in taken.items()), recorded.source)
-    # Neither tensor shapes nor a record tell these apart (a shortcut add and a ReLU have no weights).
-    assumed = {k: v for k, v in _SHAPELESS_DEFAULTS.items() if k not in given and k not in recorded.values}
-    if assumed:
-        log.info(
-            "%s records no %s; assuming %s (pass the options to create_model if the weights were "
-            "trained otherwise)", ckpt.path, " or ".join(assumed), ", ".join(f"{k}={v!r}" for k, v in assumed.items()),
-        )
-    if "num_classes" not in given:
-        classes = num_classes_in(ckpt)
-        if classes is not None:
-            options["num_classes"] = classes
-    return options
-
-
 def create_model(
     name: str,
     *,
@@ -97,10 +63,11 @@ def create_model(
     Args:
         name: one of :func:`list_models`.
         pretrained: a checkpoint path of any supported layout, ``True`` to download the published
-            weights, or ``None``. ``num_classes`` and the options the file records (``reparam``,
-            ``identity_shortcut``, ``se``, ``relu_position``, ``in_chans``: this project's
-            metadata, the authors' model name) come from the file unless passed; a passed option
-            that contradicts the record is a ``CheckpointError``. A ``num_classes`` other than the
+            weights, or ``None``. Options not passed come from the file
+            (:func:`repghost.checkpoint.resolve_config`): its record (this project's metadata, the
+            authors' model name), else its tensors (``num_classes``, ``in_chans``, ``se``, the
+            re-param branch), else the paper's choices, logged; a passed option that contradicts
+            the record or the tensors is a ``CheckpointError``. A ``num_classes`` other than the
             file's keeps a new (random) classifier and logs that it did.
         deploy: build the re-parameterized structure (no BN, one branch). Train-form weights
             given with ``deploy=True`` are loaded into the train form and folded.
@@ -127,7 +94,10 @@ def create_model(
     else:
         path = _download_published(name) if pretrained is True else pretrained
         ckpt = read_checkpoint(path, use_ema=use_ema)
-        cfg = RepGhostConfig(width=WIDTHS[name], deploy=deploy, **_options_from_file(ckpt, kwargs))  # type: ignore[arg-type]
+        # what the file records, its tensors show or the paper assumes, completing the caller's options
+        # (no guess between reparam='identity' and 'none': the caller names the model, and says which)
+        resolved = resolve_config(ckpt, kwargs, width=WIDTHS[name], given_as="passed", guess_reparam=False)
+        cfg = dataclasses.replace(resolved, deploy=deploy)
         build_train_first = deploy and ckpt.form == "train"
         model = RepGhostNet(dataclasses.replace(cfg, deploy=False) if build_train_first else cfg)
         report = load_checkpoint(model, ckpt, strict_classifier=False)

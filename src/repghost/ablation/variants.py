@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from ..models.repghostnet import VARIANT_DEFAULTS
+
 __all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANTS", "QUESTIONS", "Question", "variant_overrides", "select_variants"]
 
 
@@ -29,7 +31,7 @@ VARIANTS: Dict[str, Variant] = {
     )
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
-_PAPER_VARIANT = {"reparam": "bn", "identity_shortcut": True, "se": True, "relu_position": "post"}
+_PAPER_VARIANT = dict(VARIANT_DEFAULTS)  # every variant states all four options
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What the keys, shapes and records of a checkpoint say about the model that made it.
 
-Key layouts (architecture.md, section 5):
+Key layouts (docs/design.md, "Module names and checkpoint layouts"):
 
 * ``authors-train``  -- the authors' release and timm's port: ``conv_stem``, ``primary_conv.0``,
   ``cheap_operation.0/1``, ``fusion_bn.0``, ... (672 keys at every width).
@@ -15,28 +15,22 @@ width, ``num_classes``, ``in_chans``, ``se`` and whether a re-param BN branch ex
 ``reparam='identity'`` from ``'none'``, ``identity_shortcut`` or ``relu_position``: those are
 assumed (the paper's choices) and the assumption is logged.
 
-Pure functions of tensors, names and metadata; nothing here reads files.
+Pure functions of tensors, names and metadata: nothing here reads files or builds models
+(:mod:`.resolve` puts these facts together for a :class:`~.files.Checkpoint`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from ..models import config as C
-from ..models.repghostnet import RepGhostConfig, RepGhostNet
-from ..reparam import reparameterize_model
+from ..models.repghostnet import VARIANT_DEFAULTS, VARIANT_FIELDS, RepGhostConfig
 from .errors import CheckpointError
-
-if TYPE_CHECKING:  # only for annotations: files.py imports this module
-    from .files import Checkpoint
 
 __all__ = [
     "AUTHORS_TO_REPGHOST",
@@ -44,17 +38,15 @@ __all__ = [
     "LAYOUT_FORMS",
     "VARIANT_OPTIONS",
     "COMPARED_FIELDS",
+    "SHAPELESS_OPTIONS",
     "Recorded",
+    "TensorFacts",
     "detect_layout",
     "to_repghost_names",
-    "repghost_state_dict",
     "parse_model_name",
-    "recorded_config",
-    "num_classes_in",
     "config_differences",
-    "match_width",
-    "width_hint",
-    "infer_config",
+    "tensor_facts",
+    "contradictions",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,8 +86,10 @@ LAYOUT_FORMS = {
     "timm-baseline": "train",
 }
 
-# Options that change the network but may leave no trace in the tensors.
-VARIANT_OPTIONS = ("reparam", "identity_shortcut", "se", "relu_position")
+# Options that change the network but may leave no trace in the tensors: RepGhostConfig's variant fields.
+VARIANT_OPTIONS = VARIANT_FIELDS
+# Of those, the ones no tensor shows at all (a shortcut add and a ReLU have no weights).
+SHAPELESS_OPTIONS = ("identity_shortcut", "relu_position")
 # Config fields a file's record is checked against when it is loaded into a model. Left out:
 # ``num_classes`` (the classifier's shape decides, so a fresh head can be asked for),
 # ``drop_rate`` (a training-time regularizer: no effect in eval, and fine-tuning may change it)
@@ -115,7 +109,10 @@ AUTHORS_VARIANT_TOKENS: Dict[str, Dict[str, object]] = {
     "woshortcut": {"identity_shortcut": False},
 }
 _NAME_PREFIX = "repghostnet"
-_NAMED_DEFAULTS: Dict[str, object] = {"reparam": "bn", "identity_shortcut": True}  # no variant token
+# A name with no variant token is the paper's model in the options the tokens can change.
+_NAMED_DEFAULTS: Dict[str, object] = {
+    k: VARIANT_DEFAULTS[k] for k in sorted({k for told in AUTHORS_VARIANT_TOKENS.values() for k in told})
+}
 _WIDTH_TOKEN = re.compile(r"(?:^|_)(\d+)_(\d+)x$")
 
 
@@ -151,11 +148,6 @@ def to_repghost_names(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
             key = pattern.sub(replacement, key)
         renamed[key] = value
     return renamed
-
-
-def repghost_state_dict(ckpt: "Checkpoint") -> StateDict:
-    """The checkpoint's tensors under this project's names."""
-    return to_repghost_names(ckpt.state_dict) if ckpt.layout.startswith("authors") else dict(ckpt.state_dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,43 +196,6 @@ class Recorded:
     complete: bool = False  # the whole configuration (this project's files)
 
 
-def recorded_config(ckpt: "Checkpoint") -> Recorded:
-    """What the file says about its configuration: its metadata ``config``, else the model names
-    it records (the authors' ``args.model`` and ``arch``). ``CheckpointError`` on a bad record."""
-    raw = ckpt.metadata.get("config")
-    if raw:
-        try:
-            cfg = RepGhostConfig.from_dict(json.loads(raw))
-        except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
-            raise CheckpointError(
-                f"{ckpt.path}: its metadata 'config' is not a valid RepGhostNet configuration ({exc}); "
-                "re-save the file with repghost.save_checkpoint, or load the tensors as a plain state dict"
-            ) from None
-        values = cfg.to_dict()
-        values.pop("deploy")
-        return Recorded(values, "its metadata config", complete=True)
-    values: Dict[str, object] = {}
-    sources: List[str] = []
-    for label, name in ckpt.model_names.items():  # args.model first: arch is often the class name
-        told = parse_model_name(name)
-        clash = {k: (values[k], v) for k, v in told.items() if k in values and values[k] != v}
-        if clash:
-            log.warning("%s: %s %r disagrees with %s on %s; using the first", ckpt.path, label, name, sources[0], clash)
-        if told:
-            values = {**told, **values}
-            sources.append(f"its {label} {name!r}")
-    return Recorded(values, " and ".join(sources))
-
-
-def num_classes_in(ckpt: "Checkpoint") -> Optional[int]:
-    """The number of classes of the file's classifier (its shape, else its record), or None."""
-    sd = repghost_state_dict(ckpt)
-    if "classifier.weight" in sd:
-        return int(sd["classifier.weight"].shape[0])
-    recorded = recorded_config(ckpt).values.get("num_classes")
-    return int(recorded) if isinstance(recorded, int) else None
-
-
 def config_differences(recorded: Mapping[str, object], cfg: RepGhostConfig) -> List[Tuple[str, object, object]]:
     """``(field, file's value, model's value)`` for each of :data:`COMPARED_FIELDS` that differ."""
     diffs = []
@@ -255,43 +210,10 @@ def config_differences(recorded: Mapping[str, object], cfg: RepGhostConfig) -> L
 
 
 # --------------------------------------------------------------------------------------------
-# Shapes
+# Tensors
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=128)
-def _form_shapes(cfg: RepGhostConfig, form: str) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
-    """Key -> shape of a ``cfg`` model in ``form``, classifier left out (built on the meta device)."""
-    cfg = dataclasses.replace(cfg, relu_position="post", deploy=form == "deploy")  # shapes only
-    with torch.device("meta"):
-        model = RepGhostNet(cfg)
-    if form == "branch-folded":
-        reparameterize_model(model, inplace=True, form="branch-folded")
-    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items() if not k.startswith("classifier."))
-
-
-def match_width(shapes: Mapping[str, Tuple[int, ...]], cfg: RepGhostConfig, form: str) -> Optional[str]:
-    """The registered model whose tensors in ``form`` have exactly ``shapes`` when built like
-    ``cfg`` (its width aside), or None. The classifier is ignored: it is the same at every width.
-
-    The one place that searches the widths: config inference and the width hint both use it.
-    """
-    wanted = {k: tuple(s) for k, s in shapes.items() if not k.startswith("classifier.")}
-    for name, width in C.WIDTHS.items():
-        if dict(_form_shapes(dataclasses.replace(cfg, width=width), form)) == wanted:
-            return name
-    return None
-
-
-def width_hint(state_dict: Mapping[str, torch.Tensor], form: str, cfg: RepGhostConfig) -> str:
-    """" The weights fit repghostnet_XXX ..." when they fit another width of ``cfg``, else ""."""
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    name = match_width(shapes, cfg, form)
-    if name is None or abs(C.WIDTHS[name] - cfg.width) < 1e-9:
-        return ""
-    return f" The weights fit {name} (width {C.WIDTHS[name]}): create that model instead."
-
-
 @dataclass(frozen=True)
-class _Tensors:
+class TensorFacts:
     """What a (this project's names) state dict shows of its configuration."""
 
     num_classes: int
@@ -300,8 +222,9 @@ class _Tensors:
     has_se: bool
 
 
-def _tensor_facts(sd: Mapping[str, torch.Tensor]) -> _Tensors:
-    return _Tensors(
+def tensor_facts(sd: Mapping[str, torch.Tensor]) -> TensorFacts:
+    """What the tensors of a state dict (this project's names) show of its configuration."""
+    return TensorFacts(
         num_classes=int(sd["classifier.weight"].shape[0]) if "classifier.weight" in sd else 0,
         in_chans=int(sd["stem.conv.weight"].shape[1]),
         has_fusion=any(".fusion." in k for k in sd),
@@ -309,7 +232,8 @@ def _tensor_facts(sd: Mapping[str, torch.Tensor]) -> _Tensors:
     )
 
 
-def _contradictions(values: Mapping[str, object], facts: _Tensors, form: str) -> List[str]:
+def contradictions(values: Mapping[str, object], facts: TensorFacts, form: str) -> List[str]:
+    """What in ``values`` (config fields) the tensors of a ``form`` file contradict, as sentences."""
     found = []
     reparam = values.get("reparam")
     if form == "train" and reparam == "bn" and not facts.has_fusion:
@@ -321,85 +245,3 @@ def _contradictions(values: Mapping[str, object], facts: _Tensors, form: str) ->
     if "in_chans" in values and values["in_chans"] != facts.in_chans:
         found.append(f"in_chans={values['in_chans']!r}, but the stem takes {facts.in_chans} channels")
     return found
-
-
-def _checked_options(options: Optional[Mapping[str, object]]) -> Dict[str, object]:
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(VARIANT_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; the options a checkpoint may need stated: {', '.join(VARIANT_OPTIONS)}")
-    return options
-
-
-def infer_config(ckpt: "Checkpoint", options: Optional[Mapping[str, object]] = None) -> RepGhostConfig:
-    """The configuration a checkpoint was made with, ``deploy`` set for its form.
-
-    From its metadata, else from the model name it records and its tensor shapes. ``options``
-    states variant options (:data:`VARIANT_OPTIONS`) the file may not tell; one that contradicts
-    the file's record or tensors is a ``CheckpointError``. What neither tells is assumed (the
-    paper's choices; ``reparam='none'`` for a train-form file without a re-param BN branch) and
-    the assumption is logged.
-    """
-    options = _checked_options(options)
-    recorded = recorded_config(ckpt)
-    clash = [(k, recorded.values[k], v) for k, v in options.items() if k in recorded.values and recorded.values[k] != v]
-    if clash:
-        said = ", ".join(f"{k}={theirs!r} (stated: {k}={ours!r})" for k, theirs, ours in clash)
-        raise CheckpointError(
-            f"{ckpt.path}: {recorded.source} records {said}; drop the contradicting option(s) "
-            "to use the file's, or check that this is the file you meant"
-        )
-    if recorded.complete:
-        return dataclasses.replace(RepGhostConfig(**recorded.values), deploy=ckpt.form == "deploy")  # type: ignore[arg-type]
-
-    sd = repghost_state_dict(ckpt)
-    facts = _tensor_facts(sd)
-    for said, who in ((recorded.values, recorded.source), (options, "the stated options")):
-        wrong = _contradictions(said, facts, ckpt.form)
-        if wrong:
-            raise CheckpointError(f"{ckpt.path}: {who} say(s) " + "; ".join(wrong))
-    values = {**recorded.values, **options}
-    assumed = {}
-    if "reparam" not in values:
-        if facts.has_fusion:
-            values["reparam"] = "bn"
-        elif ckpt.form == "train":
-            values["reparam"] = "none"
-            log.warning(
-                "%s: no re-param BN branch, and nothing in the file tells reparam='identity' from "
-                "'none'; assuming 'none'. State reparam='identity' if it was trained with the "
-                "identity branch.", ckpt.path,
-            )
-        else:  # folded: the branch is already merged, its kind no longer matters
-            assumed["reparam"] = values["reparam"] = "bn"
-    for name, default in (("identity_shortcut", True), ("relu_position", "post")):
-        if name not in values:
-            assumed[name] = values[name] = default
-    if assumed:
-        log.info("%s: the file does not record %s; assuming %s", ckpt.path, ", ".join(assumed),
-                 ", ".join(f"{k}={v!r}" for k, v in assumed.items()))
-    try:
-        base = RepGhostConfig(
-            num_classes=facts.num_classes,
-            in_chans=facts.in_chans,
-            reparam=str(values["reparam"]),
-            identity_shortcut=bool(values["identity_shortcut"]),
-            se=bool(values.get("se", facts.has_se)),
-            relu_position=str(values["relu_position"]),
-            deploy=ckpt.form == "deploy",
-        )
-    except ValueError as exc:
-        raise CheckpointError(f"{ckpt.path}: {exc}") from None
-    name = match_width({k: tuple(v.shape) for k, v in sd.items()}, base, ckpt.form)
-    if name is None:
-        raise CheckpointError(
-            f"{ckpt.path}: the tensor shapes match no registered width {sorted(C.WIDTHS)}; "
-            "pass the model name (and num_classes) explicitly"
-        )
-    said_width = recorded.values.get("width")
-    if isinstance(said_width, float) and abs(said_width - C.WIDTHS[name]) > 1e-9:
-        raise CheckpointError(
-            f"{ckpt.path}: {recorded.source} says width {said_width}, but the tensors fit {name} "
-            f"(width {C.WIDTHS[name]}); the file's record is wrong or the tensors are not its own"
-        )
-    return dataclasses.replace(base, width=C.WIDTHS[name])

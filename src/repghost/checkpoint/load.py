@@ -19,15 +19,8 @@ from ..models.repghostnet import RepGhostConfig, RepGhostFeatures, RepGhostNet
 from ..reparam import model_form, reparameterize_model
 from .errors import CheckpointError
 from .files import Checkpoint, PathLike, read_checkpoint
-from .layouts import (
-    Recorded,
-    StateDict,
-    config_differences,
-    infer_config,
-    recorded_config,
-    repghost_state_dict,
-    width_hint,
-)
+from .layouts import Recorded, StateDict, config_differences
+from .resolve import infer_config, recorded_config, repghost_state_dict, width_hint
 
 __all__ = ["LoadReport", "load_checkpoint", "model_from_checkpoint"]
 
@@ -212,7 +205,7 @@ def model_from_checkpoint(
     """Build the model a checkpoint holds, in the checkpoint's own form, and load it.
 
     The configuration comes from the file's metadata, else from the model name it records and
-    its tensor shapes (:func:`~repghost.checkpoint.layouts.infer_config`); ``model_name`` asserts
+    its tensor shapes (:func:`~repghost.checkpoint.resolve.infer_config`); ``model_name`` asserts
     the width and ``options`` (``reparam``, ``identity_shortcut``, ``se``, ``relu_position``) state
     what the file may not tell. Returns the model (eval mode) and the :class:`Checkpoint`.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..models import config as C
+from ..models import VARIANT_CHOICES, VARIANT_DEFAULTS, VARIANT_FIELDS, VARIANT_HELP
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -23,11 +23,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "variant", "state the ablation variant where the file does not record it (an option that "
         "contradicts the file is an error)"
     )
-    variant.add_argument("--reparam", choices=C.REPARAM_BRANCHES, default=None, help="the re-param branch it was trained with")
-    variant.add_argument("--no-identity-shortcut", dest="identity_shortcut", action="store_const", const=False,
-                         default=None, help="trained without the identity shortcut")
-    variant.add_argument("--relu-position", choices=C.RELU_POSITIONS, default=None, help="where the module's ReLU sits")
-    variant.add_argument("--no-se", dest="se", action="store_const", const=False, default=None, help="trained without squeeze-excite")
+    for name, choices in VARIANT_CHOICES.items():  # RepGhostConfig's variant table
+        flag = name.replace("_", "-")
+        if choices == (True, False):  # a switch the paper's network has on: the flag turns it off
+            variant.add_argument(f"--no-{flag}", dest=name, action="store_const", const=not VARIANT_DEFAULTS[name],
+                                 default=None, help=f"trained without it: {VARIANT_HELP[name]}")
+        else:
+            variant.add_argument(f"--{flag}", choices=list(choices), default=None, help=f"as trained: {VARIANT_HELP[name]}")
     p.set_defaults(run=cmd_convert)
 
 # --------------------------------------------------------------------------------------------
@@ -77,8 +79,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         )
     if args.img_size == 224:
         print(
-            "\nspec = params (train, branch-folded) equal architecture.md section 4 exactly, MACs within "
-            "0.0005 M, authors' counter to 0.01 M: " + ("all match" if all_ok else "MISMATCH")
+            "\nspec = params (train, branch-folded) equal the published figures (the paper's table and the "
+            "authors' files) exactly, MACs within 0.0005 M, authors' counter to 0.01 M: " + ("all match" if all_ok else "MISMATCH")
         )
     return 0 if all_ok or args.img_size != 224 else 1
 
@@ -89,7 +91,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..deploy.convert import convert_checkpoint
 
-    stated = {k: getattr(args, k) for k in ("reparam", "identity_shortcut", "relu_position", "se")}
+    stated = {k: getattr(args, k) for k in VARIANT_FIELDS}
     options = {k: v for k, v in stated.items() if v is not None}
     report = convert_checkpoint(args.input, args.output, model_name=args.model, use_ema=not args.no_ema, **options)
     weights = f", weights '{report.weights}'" if report.weights else ""

@@ -42,7 +42,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=QUANT_FORMATS, dest="fmt")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--calib-data", required=True, metavar="DATASET|DIR",
-                   help="calibration images: a dataset as `repghost train --data` takes it, or a folder of images (its train/ part)")
+                   help="images to calibrate on and, apart from them, to verify on: a dataset as `repghost train --data` "
+                   "takes it (its training split calibrates, its validation split verifies), or a folder of images "
+                   "(its train/ and val/ parts; without both, its images are split into two disjoint sets)")
     p.add_argument("--calib-data-root", default=None, metavar="DIR", help="where --calib-data's dataset lives")
     p.add_argument("--calib-count", type=int, default=256, help="calibration images (default 256)")
     p.add_argument("--verify-count", type=int, default=256, help="held-out validation images the int8 model is checked on (default 256)")
@@ -146,30 +148,38 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..checkpoint import model_from_checkpoint
     from ..deploy.quantize import quantize_model, sidecar_path
-    from ..deploy.verify import load_image_batch
+    from ..deploy.verify import load_disjoint_sets
 
     for name in ("calib_count", "verify_count"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model, ckpt = model_from_checkpoint(args.checkpoint, model_name=args.model, use_ema=not args.no_ema)
     stored = ckpt.eval_transform()
-    calib = load_image_batch(args.calib_data, args.calib_count, root=args.calib_data_root, transform=stored, split="train")
-    verify = load_image_batch(args.calib_data, args.verify_count, root=args.calib_data_root, transform=stored, split="val")
-    meta = {"eval_transform": dict(stored, img_size=int(calib.shape[-1])), "num_classes": model.num_classes,
+    calib, verify = load_disjoint_sets(args.calib_data, args.calib_count, args.verify_count,
+                                       root=args.calib_data_root, transform=stored)
+    meta = {"eval_transform": dict(stored, img_size=int(calib.images.shape[-1])), "num_classes": model.num_classes,
             "source_checkpoint": str(args.checkpoint), "quantized": "int8 static, per-channel symmetric weights"}
-    report = quantize_model(model, args.out, args.fmt, calib, verify, method=args.method,
-                            min_agreement=args.min_agreement, reparameterize=not args.train_form, metadata=meta)
+    # top-1 on the verification images only where their labels number the model's classes
+    labels = verify.labels if verify.num_classes == model.num_classes else None
+    records = {"calibration": calib.record(), "verification": verify.record()}
+    report = quantize_model(model, args.out, args.fmt, calib.images, verify.images, method=args.method,
+                            min_agreement=args.min_agreement, reparameterize=not args.train_form, metadata=meta,
+                            verification_labels=labels, image_records=records)
     form = "train form (not folded)" if args.train_form else "deploy form"
     size = f"{report.size_bytes / 1e6:.2f} MB" + (f" (float {report.float_size_bytes / 1e6:.2f} MB)" if report.float_size_bytes else "")
     print(f"quantized {report.path} ({report.format}, int8, {form}, {size})")
-    if args.fmt != "onnx":
-        print(f"recorded  the eval transform and class count in {sidecar_path(report.path)} (for `repghost eval`)")
     if report.onnx_weights == "int8-7bit":
         print(f"weights   int8 per channel, 7-bit (largest |w| {report.weight_range}): ONNX Runtime's integer kernels "
               "cannot saturate on x86 CPUs without VNNI")
-    print(f"calibrated on {report.calibration_images} {args.calib_data} training images ({report.method})")
-    print(f"verified  in its runtime on {report.verify_images} validation images: top-1 agreement with float "
-          f"{report.top1_agreement:.1%}, max logit error {report.max_rel_logit_error:.3f} of the logit range")
+    print(f"calibrated on {report.calibration_images} images of {calib.source} ({report.method})")
+    print(f"verified  in its runtime on {report.verify_images} other images of {verify.source}: top-1 agreement with "
+          f"float {report.top1_agreement:.1%}, max logit error {report.max_rel_logit_error:.3f} of the logit range")
+    if report.int8_top1 is not None:
+        print(f"top-1     on those images: int8 {report.int8_top1:.1%}, float {report.float_top1:.1%}")
+    what = "the report, which images calibrated and verified it"
+    if args.fmt != "onnx":
+        what += ", and the eval transform and class count (for `repghost eval`)"
+    print(f"recorded  {what} in {sidecar_path(report.path)}")
     print(f"took      {report.seconds:.1f} s")
     return 0
 

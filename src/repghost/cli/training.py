@@ -9,7 +9,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from ..training.data import DATASETS
-from ..models import list_models
+from ..models import VARIANT_CHOICES, VARIANT_HELP, list_models
 
 # (group, field, flags, argparse options, help). Every TrainConfig field has a flag; --set reaches
 # them too. timm's train.py spellings are aliases (-b, -j, --wd, --drop, --aa, --model-ema-decay).
@@ -20,13 +20,10 @@ _FLAGS = [
     ("model", "pretrained", ["--pretrained"], dict(metavar="PATH"),
      "start from these weights (any supported checkpoint); a different classifier is re-initialized"),
     ("model", "drop_rate", ["--drop-rate", "--drop"], dict(type=float), "dropout before the classifier"),
-    ("model", "reparam", ["--reparam"], dict(choices=["bn", "identity", "none"]),
-     "re-parameterization branch: bn (the paper's), identity (no BN) or none (ablations)"),
-    ("model", "identity_shortcut", ["--identity-shortcut"], dict(action=argparse.BooleanOptionalAction),
-     "the identity shortcut of blocks with equal input and output shapes"),
-    ("model", "se", ["--se"], dict(action=argparse.BooleanOptionalAction), "squeeze-and-excitation modules"),
-    ("model", "relu_position", ["--relu-position"], dict(choices=["post", "pre"]),
-     "ReLU after the sum of the branches (post, the paper's) or before it (pre: no deploy form)"),
+    # the variant options, from RepGhostConfig's table: a choice, or a --X/--no-X switch
+    *[("model", name, [f"--{name.replace('_', '-')}"],
+       dict(action=argparse.BooleanOptionalAction) if choices == (True, False) else dict(choices=list(choices)),
+       VARIANT_HELP[name]) for name, choices in VARIANT_CHOICES.items()],
     ("data", "data", ["--data"], dict(choices=list(DATASETS)), "dataset"),
     ("data", "data_root", ["--data-root"], dict(metavar="DIR"), "dataset folder (imagefolder: train/ and val/ class folders)"),
     ("data", "img_size", ["--img-size"], dict(type=int), "training and evaluation input size"),

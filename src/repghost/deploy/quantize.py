@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -98,13 +98,18 @@ class QuantReport:
     onnx_weights: Optional[str] = None  # ONNX: the weight scheme (ONNX_WEIGHT_SCHEMES)
     weight_range: Optional[int] = None  # ONNX: the largest |int8 weight| in the file (63-64 with 7-bit weights)
     cpu: Dict[str, Any] = field(default_factory=dict)  # where it was verified: model name and the int8 flags
+    # top-1 accuracy (share) of each model on the verification images, where their labels are known
+    float_top1: Optional[float] = None
+    int8_top1: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
-def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, float]:
-    """Top-1 agreement and logit errors of ``candidate`` against ``reference`` (both ``(N, classes)``)."""
+def compare_logits(reference: np.ndarray, candidate: np.ndarray, labels: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """Top-1 agreement and logit errors of ``candidate`` against ``reference`` (both ``(N, classes)``);
+    with the images' true ``labels``, also each model's top-1 accuracy on them (``float_top1``,
+    ``int8_top1``, shares 0..1)."""
     if reference.shape != candidate.shape:
         raise QuantizationError(f"the quantized model gives logits of shape {candidate.shape}, the float one {reference.shape}")
     if not np.isfinite(candidate).all():
@@ -112,7 +117,15 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, fl
     agree = float((reference.argmax(1) == candidate.argmax(1)).mean())
     scale = float(reference.max() - reference.min()) or 1.0
     diff = np.abs(reference - candidate)
-    return {"top1_agreement": agree, "max_rel_logit_error": float(diff.max() / scale), "mean_abs_logit_error": float(diff.mean())}
+    stats: Dict[str, Any] = {"top1_agreement": agree, "max_rel_logit_error": float(diff.max() / scale),
+                             "mean_abs_logit_error": float(diff.mean())}
+    if labels is not None:
+        truth = np.asarray(labels)
+        if truth.shape != (len(reference),):
+            raise ValueError(f"{len(truth)} labels for {len(reference)} images")
+        stats["float_top1"] = float((reference.argmax(1) == truth).mean())
+        stats["int8_top1"] = float((candidate.argmax(1) == truth).mean())
+    return stats
 
 
 def _run_all(run, images: torch.Tensor) -> np.ndarray:
@@ -316,8 +329,11 @@ _FLOAT_FILES = ("float.onnx", "float.mnn")
 
 
 def sidecar_path(path: PathLike) -> Path:
-    """Where ``quantize`` records the eval transform and class count of an MNN or ExecuTorch file
-    (formats without a metadata field of their own): ``FILE.json`` beside it."""
+    """The report ``quantize`` writes beside every int8 file, ``FILE.json``: the file's metadata at
+    the top level (eval transform, class count: what ``repghost eval`` reads for MNN and ExecuTorch
+    files, formats without a metadata field of their own; ONNX files carry it inside as well), the
+    :class:`QuantReport` under ``"report"``, and which images calibrated and verified it under
+    ``"calibration"`` and ``"verification"``."""
     return Path(str(path) + ".json")
 
 
@@ -384,13 +400,18 @@ def quantize_model(
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     reparameterize: bool = True,
     metadata: Optional[Mapping[str, Any]] = None,
+    verification_labels: Optional[Sequence[int]] = None,
+    image_records: Optional[Mapping[str, Any]] = None,
     onnx_weights: str = "int8-7bit",
 ) -> QuantReport:
     """Fold ``model``, quantize it to int8 for ``fmt`` calibrated on ``calibration``, check it on ``verification``.
 
-    Both are ``(N, 3, H, W)`` batches of real images through the model's eval transform (keep them
-    apart: the verification images should not be calibration images). ``reparameterize=False``
-    quantizes the train form as it is (to see what folding does to the int8 error). Raises
+    Both are ``(N, 3, H, W)`` batches of real images through the model's eval transform, and must
+    be different images (:func:`repghost.deploy.verify.load_disjoint_sets` gives such a pair); with
+    ``verification_labels`` the report also gives both models' top-1 on the verification images.
+    ``reparameterize=False`` quantizes the train form as it is (to see what folding does to the
+    int8 error). Writes the file and its report (:func:`sidecar_path`: ``metadata``, the report,
+    and ``image_records``, e.g. ``{"calibration": ImageSet.record(), "verification": ...}``). Raises
     :class:`QuantizationError` (a ``ValueError``) when top-1 agreement with the float model is below
     ``min_agreement``, ``ValueError`` for bad arguments, :class:`MissingRuntimeError` when the
     runtime is not installed; on any failure nothing is left at ``out_path``.
@@ -413,7 +434,7 @@ def quantize_model(
     def write(tmp: str) -> None:
         holder["float_size"] = _write_int8(prepared, tmp, fmt, calibration, method, dict(metadata or {}), onnx_weights)
         got = _run_all(load_runner(tmp, fmt), verification)
-        stats = compare_logits(reference, got)
+        stats = compare_logits(reference, got, verification_labels)
         if stats["top1_agreement"] < min_agreement:
             raise QuantizationError(
                 f"the int8 {fmt} model agrees with the float one on the top-1 class of {stats['top1_agreement']:.1%} of "
@@ -423,19 +444,21 @@ def quantize_model(
         holder["stats"] = stats
 
     path = atomic_write(out_path, write)
-    if fmt != "onnx" and metadata:  # ONNX files carry it inside
-        try:
-            atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(dict(metadata), indent=2)))
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-    report = QuantReport(
-        format=fmt, path=str(path), method=method, calibration_images=len(calibration), verify_images=len(verification),
-        size_bytes=path.stat().st_size, float_size_bytes=holder.get("float_size"), seconds=time.perf_counter() - started,
-        integer_ops=_integer_ops(str(path)) if fmt == "onnx" else {},
-        onnx_weights=onnx_weights if fmt == "onnx" else None,
-        weight_range=onnx_weight_range(path) if fmt == "onnx" else None, cpu=cpu_int8_features(), **holder["stats"],
-    )
+    try:
+        report = QuantReport(
+            format=fmt, path=str(path), method=method, calibration_images=len(calibration),
+            verify_images=len(verification), size_bytes=path.stat().st_size, float_size_bytes=holder.get("float_size"),
+            integer_ops=_integer_ops(str(path)) if fmt == "onnx" else {},
+            onnx_weights=onnx_weights if fmt == "onnx" else None,
+            weight_range=onnx_weight_range(path) if fmt == "onnx" else None, cpu=cpu_int8_features(), **holder["stats"],
+        )
+        report.seconds = time.perf_counter() - started
+        # the report names the file it sits beside, not this machine's path to it
+        record = dict(metadata or {}, report=dict(report.to_dict(), path=path.name), **dict(image_records or {}))
+        atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     log.debug("quantized %s -> %s: %s", fmt, path, report)
     return report
 

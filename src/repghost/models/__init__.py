@@ -7,9 +7,10 @@ from typing import List
 
 from . import config
 from .config import WIDTHS
-from .repghostnet import RepGhostConfig, RepGhostFeatures, RepGhostNet
+from .repghostnet import VARIANT_CHOICES, VARIANT_DEFAULTS, VARIANT_FIELDS, VARIANT_HELP, RepGhostConfig, RepGhostFeatures, RepGhostNet
 
-__all__ = ["list_models", "RepGhostConfig", "RepGhostNet", "RepGhostFeatures", "config"]
+__all__ = ["list_models", "RepGhostConfig", "RepGhostNet", "RepGhostFeatures", "config", "VARIANT_FIELDS",
+           "VARIANT_DEFAULTS", "VARIANT_CHOICES", "VARIANT_HELP"]
 
 
 def list_models() -> List[str]:

@@ -2,7 +2,7 @@
 
 Counting convention (``macs``): multiply-accumulates of the convolution and linear layers only, at
 the given input size; a bias adds nothing; BatchNorm, activations, pooling and element-wise ops are
-not counted. This is the convention of the paper's table (architecture.md, section 4). The count
+not counted. This is the convention of the paper's Table 1 (docs/design.md, "Counting convention"). The count
 comes from PyTorch's own ``FlopCounterMode`` (FLOPs = 2 x MACs for these ops).
 
 ``authors_macs`` reproduces the authors' counter, which also adds one operation per output element

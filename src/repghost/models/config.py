@@ -1,7 +1,7 @@
 """RepGhostNet's architecture and published facts, as data.
 
-Source: the RepGhost paper (arXiv 2211.06088), Table 1 / the released configurations; the numbers
-are restated in ``shared/spec/architecture.md``. Nothing here builds modules.
+Source: the RepGhost paper (arXiv 2211.06088), Table 1 and the authors' released configurations;
+docs/design.md describes the structure built from it. Nothing here builds modules.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ CHEAP_KERNEL_SIZE = 3  # the RepGhost module's depthwise conv, in every module
 CHANNEL_DIVISOR = 4
 DEFAULT_DROP_RATE = 0.2
 
-# Multi-scale taps: the LAST block at each resolution (architecture.md, section 6).
+# Multi-scale taps: the LAST block at each resolution (docs/design.md, "Multi-scale features").
 # Entries are stage indices into ``blocks``; "final_conv" is the final 1x1 conv-BN-ReLU.
 FEATURE_TAPS: Tuple[Tuple[str, int], ...] = (
     ("blocks.0", 2),
@@ -69,7 +69,7 @@ FEATURE_TAPS: Tuple[Tuple[str, int], ...] = (
 REPARAM_BRANCHES = ("bn", "identity", "none")
 RELU_POSITIONS = ("post", "pre")
 
-# The eval transform the published numbers use (architecture.md, section 5).
+# The eval transform the published numbers use (docs/design.md, "Evaluation transform").
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_PCT = 0.875

@@ -17,7 +17,7 @@ def make_divisible(value: float, divisor: int = 4) -> int:
     """Round ``value`` to a multiple of ``divisor`` without going more than 10% below it.
 
     This is the channel rounding of the MobileNet family that RepGhostNet inherits
-    (architecture.md, section 3).
+    (docs/design.md, "The RepGhost module and bottleneck").
     """
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     if rounded < 0.9 * value:
@@ -109,7 +109,7 @@ class ConvNorm(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    """Squeeze-excite with a hard-sigmoid gate (architecture.md, section 2, step 3).
+    """Squeeze-excite with a hard-sigmoid gate, as in the bottleneck (docs/design.md, "The RepGhost module and bottleneck").
 
     global average pool -> 1x1 conv (bias) -> ReLU -> 1x1 conv (bias) -> relu6(x + 3) / 6 -> scale.
     The reduced width is ``make_divisible(channels * rd_ratio, 4)``.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,6 +17,10 @@ from . import config as C
 
 __all__ = [
     "RepGhostConfig",
+    "VARIANT_FIELDS",
+    "VARIANT_DEFAULTS",
+    "VARIANT_CHOICES",
+    "VARIANT_HELP",
     "RepGhostModule",
     "RepGhostBottleneck",
     "RepGhostNet",
@@ -32,10 +36,18 @@ class RepGhostConfig:
     num_classes: int = 1000
     in_chans: int = 3
     drop_rate: float = C.DEFAULT_DROP_RATE
-    reparam: str = "bn"  # the re-param branch: "bn" (paper), "identity" or "none"
-    identity_shortcut: bool = True  # residual add where in == out and stride 1
-    se: bool = True  # squeeze-excite where the table asks for it
-    relu_position: str = "post"  # "post": ReLU after the sum (paper); "pre": inside the cheap branch
+    # The variant options (the paper's ablations): fields marked ``variant`` in their metadata, with
+    # their choices and a description; defaults are the paper's network. VARIANT_FIELDS and the
+    # tables below are derived from these four declarations, and every other module uses them.
+    reparam: str = field(default="bn", metadata=dict(
+        variant="re-parameterization branch: bn (the paper's), identity (no BN) or none", choices=C.REPARAM_BRANCHES))
+    identity_shortcut: bool = field(default=True, metadata=dict(
+        variant="the identity shortcut of blocks with equal input and output shapes", choices=(True, False)))
+    se: bool = field(default=True, metadata=dict(
+        variant="squeeze-and-excitation modules where the paper's table has them", choices=(True, False)))
+    relu_position: str = field(default="post", metadata=dict(
+        variant="ReLU after the sum of the branches (post, the paper's) or before it (pre: no deploy form)",
+        choices=C.RELU_POSITIONS))
     deploy: bool = False  # build the folded (BN-free, single-branch) structure
 
     def __post_init__(self) -> None:
@@ -47,10 +59,9 @@ class RepGhostConfig:
             raise ValueError(f"in_chans must be an int >= 1, got {self.in_chans!r}")
         if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
-        if self.reparam not in C.REPARAM_BRANCHES:
-            raise ValueError(f"reparam must be one of {C.REPARAM_BRANCHES}, got {self.reparam!r}")
-        if self.relu_position not in C.RELU_POSITIONS:
-            raise ValueError(f"relu_position must be one of {C.RELU_POSITIONS}, got {self.relu_position!r}")
+        for name in ("reparam", "relu_position"):
+            if getattr(self, name) not in VARIANT_CHOICES[name]:
+                raise ValueError(f"{name} must be one of {VARIANT_CHOICES[name]}, got {getattr(self, name)!r}")
         for flag in ("identity_shortcut", "se", "deploy"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -73,8 +84,19 @@ class RepGhostConfig:
         return cls(**values)  # type: ignore[arg-type]
 
 
+def _variant_fields() -> Tuple[dataclasses.Field, ...]:
+    return tuple(f for f in dataclasses.fields(RepGhostConfig) if "variant" in f.metadata)
+
+
+# The one variant table: names, defaults (the paper's network), choices, descriptions.
+VARIANT_FIELDS: Tuple[str, ...] = tuple(f.name for f in _variant_fields())
+VARIANT_DEFAULTS: Dict[str, object] = {f.name: f.default for f in _variant_fields()}
+VARIANT_CHOICES: Dict[str, Tuple[object, ...]] = {f.name: tuple(f.metadata["choices"]) for f in _variant_fields()}
+VARIANT_HELP: Dict[str, str] = {f.name: f.metadata["variant"] for f in _variant_fields()}
+
+
 class RepGhostModule(nn.Module):
-    """RepGhost module (architecture.md, section 1).
+    """RepGhost module (the paper's Figure 3; docs/design.md, "The RepGhost module and bottleneck").
 
     Train form: ``x1 = primary(x)``; ``y = cheap(x1) + fusion(x1)``; ``out = act(y)``, where
     ``primary`` is a 1x1 conv-BN(-ReLU), ``cheap`` a 3x3 depthwise conv-BN and ``fusion`` the
@@ -155,7 +177,7 @@ class RepGhostModule(nn.Module):
 
 
 class RepGhostBottleneck(nn.Module):
-    """RepGhost bottleneck (architecture.md, section 2)."""
+    """RepGhost bottleneck (docs/design.md, "The RepGhost module and bottleneck")."""
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """Training configuration: the paper's recipe as defaults, YAML files, command-line overrides.
 
-The defaults are the recipe of ``shared/spec/training-recipe.md`` (global batch 1024 = 8 GPUs x
-128). ``batch_size`` is per process; the learning rate is ``lr_base`` scaled linearly from
+The defaults are the paper's ImageNet training recipe (docs/training.md lists it; global batch
+1024 = 8 GPUs x 128). ``batch_size`` is per process; the learning rate is ``lr_base`` scaled linearly from
 ``lr_base_batch`` to the global batch unless ``lr`` is set explicitly.
 
 Every field is checked when a :class:`TrainConfig` is made (type and range; optimizer, schedule
@@ -15,6 +15,8 @@ import dataclasses
 import functools
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -24,6 +26,7 @@ import yaml
 from ..files import atomic_write
 from .data import DATASETS
 from ..models import config as C
+from ..models.repghostnet import VARIANT_CHOICES, VARIANT_DEFAULTS, VARIANT_FIELDS
 
 __all__ = ["TrainConfig", "load_config", "load_dataclass_config", "check_field_types", "is_timm_model", "VARIANT_FIELDS", "resolve_lr", "resolve_warmup", "save_config", "timm_schedules"]
 
@@ -38,11 +41,12 @@ class TrainConfig:
     num_classes: Optional[int] = None  # None: the dataset's
     pretrained: Optional[str] = None
     drop_rate: float = C.DEFAULT_DROP_RATE
-    # model variant (the paper's ablations; RepGhostNet models only)
-    reparam: str = "bn"  # the re-parameterization branch: "bn" (the paper's), "identity" (no BN), "none"
-    identity_shortcut: bool = True
-    se: bool = True
-    relu_position: str = "post"  # "pre": ReLU before the sum (no deploy form)
+    # model variant (the paper's ablations; RepGhostNet models only): RepGhostConfig's variant
+    # fields, with its defaults and choices (VARIANT_FIELDS; a test keeps the two lists equal)
+    reparam: str = VARIANT_DEFAULTS["reparam"]  # type: ignore[assignment]
+    identity_shortcut: bool = VARIANT_DEFAULTS["identity_shortcut"]  # type: ignore[assignment]
+    se: bool = VARIANT_DEFAULTS["se"]  # type: ignore[assignment]
+    relu_position: str = VARIANT_DEFAULTS["relu_position"]  # type: ignore[assignment]
     # data
     data: str = "imagefolder"
     data_root: Optional[str] = None
@@ -120,38 +124,54 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 def check_field_types(config: Any) -> None:
     """Check and normalize every field of a config dataclass against its annotation (bool, int,
-    float, str, List[float], optionally Optional); ``ValueError`` naming the field if one is wrong."""
+    float, str, List[float]/list[float], each optionally Optional[...] or ``... | None``);
+    ``ValueError`` naming the field if one is wrong."""
+    hints = _field_types(type(config))
     for f in dataclasses.fields(config):
-        setattr(config, f.name, _checked_type(f.name, f.type, getattr(config, f.name)))
+        setattr(config, f.name, _checked_type(f.name, hints[f.name], getattr(config, f.name)))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> Dict[str, Any]:
+    # the annotations are strings (``from __future__ import annotations``); typing evaluates them
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(annotation: Any) -> Tuple[Any, bool]:
+    """``(T, True)`` for ``Optional[T]`` / ``T | None``, ``(annotation, False)`` otherwise."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2:
+            return rest[0], True
+    return annotation, False
 
 
 def _checked_type(name: str, annotation: Any, value: Any) -> Any:
-    text = str(annotation)
-    optional = text.startswith("Optional[")
-    kind = text[len("Optional[") : -1] if optional else text
-    if value is None or (optional and kind == "str" and value == ""):
+    kind, optional = _unwrap_optional(annotation)
+    if value is None or (optional and kind is str and value == ""):
         if optional:
             return None
         raise ValueError(f"{name} must be set (got null)")
-    if kind == "bool":
+    if kind is bool:
         if isinstance(value, bool):
             return value
         raise ValueError(f"{name} must be true or false, got {value!r}")
-    if kind == "int":
+    if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if kind == "float":
+    if kind is float:
         return _number(name, value)
-    if kind == "str":
+    if kind is str:
         if isinstance(value, str) and value.strip():
             return value
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    if kind == "List[float]":
+    if typing.get_origin(kind) is list and typing.get_args(kind) == (float,):
         if isinstance(value, (list, tuple)):
             return [_number(f"{name}[{i}]", v) for i, v in enumerate(value)]
         raise ValueError(f"{name} must be a list of numbers, got {value!r}")
-    raise TypeError(f"no check for field {name} of type {text}")  # a new field needs a kind here
+    raise TypeError(f"no check for field {name} of type {annotation}")  # a new field needs a kind here
 
 
 def _number(name: str, value: Any) -> float:
@@ -180,8 +200,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
         _check_timm_model(cfg)
     elif cfg.model not in C.WIDTHS:
         raise ValueError(f"unknown model {cfg.model!r}; valid: {', '.join(C.WIDTHS)}, or timm:NAME (a timm model)")
-    need(cfg.reparam in REPARAM_KINDS, "reparam", f"one of {', '.join(REPARAM_KINDS)}")
-    need(cfg.relu_position in RELU_POSITIONS, "relu_position", f"one of {', '.join(RELU_POSITIONS)}")
+    for name, choices in VARIANT_CHOICES.items():
+        need(getattr(cfg, name) in choices, name, f"one of {', '.join(map(str, choices))}")
     if cfg.data not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.data!r}; valid: {', '.join(DATASETS)}")
     for name in ("epochs", "img_size", "lr_base_batch", "recount", "eval_every", "log_interval"):
@@ -224,10 +244,6 @@ def _check_ranges(cfg: TrainConfig) -> None:
 
 
 TIMM_PREFIX = "timm:"
-REPARAM_KINDS = ("bn", "identity", "none")
-RELU_POSITIONS = ("post", "pre")
-VARIANT_FIELDS = ("reparam", "identity_shortcut", "se", "relu_position")
-_VARIANT_DEFAULTS = {"reparam": "bn", "identity_shortcut": True, "se": True, "relu_position": "post"}
 
 
 def is_timm_model(name: str) -> bool:
@@ -241,7 +257,7 @@ def _check_timm_model(cfg: TrainConfig) -> None:
     arch = cfg.model[len(TIMM_PREFIX) :]
     if not arch or not timm.is_model(arch):
         raise ValueError(f"model {cfg.model!r}: timm has no model {arch!r} (see timm.list_models())")
-    changed = [k for k, v in _VARIANT_DEFAULTS.items() if getattr(cfg, k) != v]
+    changed = [k for k, v in VARIANT_DEFAULTS.items() if getattr(cfg, k) != v]
     if changed:
         raise ValueError(f"{', '.join(changed)} are RepGhostNet variant options; a timm model ({cfg.model}) takes none of them")
 

@@ -57,7 +57,7 @@ from .logs import RunLog
 from .report import write_training_plot
 from .setup import (
     build_data,
-    build_model,
+    build_training_model,
     build_optimization,
     check_environment,
     configure_backends,
@@ -133,7 +133,7 @@ class _Run:
         configure_backends(ctx.device, cfg.deterministic)
         seed_all(epoch_seed(cfg, 0, ctx.rank))
         self.data = build_data(cfg, ctx)
-        self.model = build_model(cfg, ctx, self.data.spec, resume=resume)
+        self.model = build_training_model(cfg, ctx, self.data.spec, resume=resume)
         self.opt = build_optimization(cfg, ctx, self.model)
         self.forward = wrap_model(cfg, ctx, self.model)
 

@@ -1,7 +1,7 @@
 """Setting a run up: back-ends and seeds, data loaders, the model, and what trains it.
 
 Each function does one job and returns what it built; :mod:`.loop` calls them in order:
-:func:`configure_backends`, :func:`build_data`, :func:`build_model`, :func:`build_optimization`,
+:func:`configure_backends`, :func:`build_data`, :func:`build_training_model`, :func:`build_optimization`,
 :func:`wrap_model`.
 """
 
@@ -32,7 +32,7 @@ __all__ = [
     "epoch_seed",
     "build_data",
     "train_loader",
-    "build_model",
+    "build_training_model",
     "network",
     "build_optimization",
     "wrap_model",
@@ -162,7 +162,7 @@ def train_loader(cfg: TrainConfig, ctx: DistContext, data: RunData, epoch: int, 
 # --------------------------------------------------------------------------------------------
 # the model and what trains it
 # --------------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig, ctx: DistContext, spec: DatasetSpec, *, resume: bool) -> nn.Module:
+def build_training_model(cfg: TrainConfig, ctx: DistContext, spec: DatasetSpec, *, resume: bool) -> nn.Module:
     """The network on the run's device (``cfg.num_classes`` is set to the dataset's if unset)."""
     if cfg.num_classes is not None and cfg.num_classes != spec.num_classes:
         raise ValueError(
