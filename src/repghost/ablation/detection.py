@@ -132,7 +132,7 @@ def run_detection_study(
 
 
 def _environment() -> Dict[str, Any]:
-    from ..bench.latency import environment
+    from ..bench.report import environment
 
     return environment(1)
 
