@@ -275,7 +275,7 @@ def test_sweep_latency_and_ghostnet_pairing(tmp_path):
                        latency_rounds=3)
     report = result.report
     assert report["variants"]["ghostnet"]["model"] == "timm:ghostnet_050"
-    assert report["variants"]["repghost"]["form"] == "deploy (folded)"
+    assert report["variants"]["repghost"]["form"] == "deploy (every conv-BN pair folded)"
     for name in ("repghost", "ghostnet"):
         lat = report["variants"][name]["latency"]
         assert set(lat) == {"eager", "onnxruntime"} and lat["eager"]["median_ms"] > 0

@@ -51,6 +51,7 @@ LATENCY_REFERENCE = "repghost"
 JSON_NAME, MD_NAME = "ablation.json", "ablation.md"
 # config.yaml fields that do not change what a run computes: a kept run may differ in these
 _NOT_RESULT_FIELDS = ("output", "workers", "log_interval")
+_FILLED_BY_TRAINER = ("num_classes",)  # None in a config: the trainer stores what it resolved
 Progress = Callable[[str], None]
 
 
@@ -123,7 +124,9 @@ def _check_same_config(values: Mapping[str, Any], run_dir: Path, *, resuming: bo
     stored = resume_config(str(run_dir)).to_dict()
     asked = load_config(None, dict(values, output=str(run_dir))).to_dict()
     skip = set(_NOT_RESULT_FIELDS) | ({"epochs"} if resuming else set())
-    diff = {k: (stored.get(k), asked.get(k)) for k in asked if k not in skip and stored.get(k) != asked.get(k)}
+    # num_classes asked as None is left to the trainer, which stores the dataset's (training/setup.py)
+    diff = {k: (stored.get(k), v) for k, v in asked.items()
+            if k not in skip and not (k in _FILLED_BY_TRAINER and v is None) and stored.get(k) != v}
     if diff:
         listed = "; ".join(f"{k}: stored {old!r}, asked {new!r}" for k, (old, new) in sorted(diff.items()))
         raise StaleRunError(
