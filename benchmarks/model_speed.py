@@ -15,7 +15,7 @@
    (NCHW), both fed NCHW batches; plus both in NCHW and both in channels_last.
 
 Every pair is timed interleaved (shuffled each round) and reported as the median over rounds of
-the per-round ratio (``repghost.bench.latency.paired_ratio``). Writes JSON and markdown to --out.
+the per-round ratio (``repghost.bench.timing.paired_ratio``). Writes JSON and markdown to --out.
 
     python benchmarks/model_speed.py --out docs/results
 """
@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from repghost import create_model
-from repghost.bench.latency import build_model, environment, paired_ratio, parse_model, time_interleaved
+from repghost.bench.models import build_benchmark_model, parse_model
+from repghost.bench.report import environment
+from repghost.bench.timing import paired_ratio, time_interleaved
 from repghost.training.loop import train_step
 
 
@@ -50,7 +52,7 @@ def latency(widths, rounds: int) -> dict:
     torch.set_num_threads(1)
     keys = [k for w in widths for k in _keys(w).values()]
     x = torch.randn(1, 3, 224, 224)
-    models = {k: build_model(parse_model(k)) for k in keys}  # the same-treatment ones are checked folded == unfolded
+    models = {k: build_benchmark_model(parse_model(k)) for k in keys}  # the same-treatment ones are checked folded == unfolded
     for k, m in models.items():
         assert torch.isfinite(m(x)).all(), k
 

@@ -22,7 +22,9 @@ import tempfile
 import numpy as np
 import torch
 
-from repghost.bench.latency import build_model, environment, paired_ratio, parse_model, time_interleaved
+from repghost.bench.models import build_benchmark_model, parse_model
+from repghost.bench.report import environment
+from repghost.bench.timing import paired_ratio, time_interleaved
 from repghost.deploy.export import export_model
 from repghost.deploy.quantize import _Reader
 
@@ -80,7 +82,7 @@ def main() -> int:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model = build_model(parse_model(args.model))
+    model = build_benchmark_model(parse_model(args.model))
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
     calib = torch.from_numpy(np.random.default_rng(1).standard_normal((16, 3, 224, 224), dtype=np.float32))
     result = dict(environment=environment(1), model=args.model)

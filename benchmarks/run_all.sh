@@ -45,7 +45,22 @@ $BIN/repghost bench --out "$OUT/forms" --rounds 60 --no-plot --runtimes eager on
 mkdir -p "$OUT/pytorch"
 $BIN/repghost bench --out "$OUT/pytorch" --rounds 100 --no-plot \
   --runtimes eager torchscript compile onnxruntime --models repghostnet_100
+#    Every inductor setting (each given to its own torch.compile(options=...)) and the X86 int8 path.
+mkdir -p "$OUT/int8"
+$BIN/python benchmarks/pytorch_paths.py --out "$OUT/int8/pytorch_paths.json"
 
 # 6. Research question 1: concat vs add at the network's real feature shapes.
 mkdir -p "$OUT/rq1"
 $BIN/repghost bench --rq1 --out "$OUT/rq1"
+
+# 7. int8 against fp32 in every runtime with an int8 path (docs/quantization.md), and the
+#    cross-runtime ratios, each pair timed in one interleaved phase of its own.
+$BIN/repghost bench --out "$OUT/int8" --rounds 100 --runtimes eager compile onnxruntime mnn executorch \
+  --reference repghostnet_100 --models repghostnet_100 repghostnet_100:int8 repghostnet_050 repghostnet_050:int8 \
+  timm:ghostnet_100 timm:ghostnet_100:int8 timm:mobilenetv3_large_100 timm:mobilenetv3_large_100:int8 \
+  --pair repghostnet_100@executorch repghostnet_100@onnxruntime \
+  --pair repghostnet_100:int8@executorch repghostnet_100@onnxruntime
+
+# 8. The ablation variants' deploy copies (relu-pre folded as far as it goes), docs/ablation.md.
+$BIN/python benchmarks/ablation_latency.py --config configs/ablation/fashion_mnist.yaml --rounds 100 \
+  --out "$OUT/ablation/latency.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from repghost.bench.latency import paired_ratio
+from repghost.bench.timing import paired_ratio
 
 
 def load(path: Path):

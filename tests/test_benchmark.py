@@ -16,21 +16,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import repghost
 from repghost.reparam import fold_conv_bn
-from repghost.bench.latency import (
-    DEFAULT_MODELS,
-    build_model,
-    markdown_table,
-    paired_ratio,
-    parse_model,
-    prepare_runner,
-    run_benchmark,
-    time_in_phases,
-    time_interleaved,
-    write_results,
-)
+from repghost.bench.latency import run_benchmark
+from repghost.bench.models import DEFAULT_MODELS, build_benchmark_model, parse_model
+from repghost.bench.report import markdown_table, write_results
+from repghost.bench.runners import INT8_TOLERANCE, prepare_runner
+from repghost.bench.timing import CompiledWhileTiming, paired_ratio, ratio_iqr, time_in_phases, time_interleaved
 from repghost.cli import deploy
-from repghost.bench import latency as deploy_latency
 from repghost.cli import main as cli_main
+from repghost.deploy.compiled import compile_for_cpu
 from repghost.deploy.export import MissingRuntimeError
 from repghost.deploy.verify import ExportVerificationError, output_diff
 from repghost.bench.published import published_accuracy
@@ -81,15 +74,15 @@ def test_default_models_hold_equal_treatment_baselines_and_a_shipped_figure():
     assert {"ghostnet_050", "mobilenetv3_large_075", "repghostnet_100"} <= equal
 
 
-def test_build_model_forms():
-    assert repghost.model_form(build_model(parse_model("repghostnet_050"), input_size=SIZE)) == "deploy"
-    assert repghost.model_form(build_model(parse_model("repghostnet_050:train"), input_size=SIZE)) == "train"
-    timm_shipped = build_model(parse_model("timm:repghostnet_050:shipped"), input_size=SIZE)
+def test_build_benchmark_model_forms():
+    assert repghost.model_form(build_benchmark_model(parse_model("repghostnet_050"), input_size=SIZE)) == "deploy"
+    assert repghost.model_form(build_benchmark_model(parse_model("repghostnet_050:train"), input_size=SIZE)) == "train"
+    timm_shipped = build_benchmark_model(parse_model("timm:repghostnet_050:shipped"), input_size=SIZE)
     assert not any(".fusion_bn" in name for name, _ in timm_shipped.named_modules())  # timm's own folding ran
     assert _n_batchnorms(timm_shipped) > 0 and not _channels_last(timm_shipped)  # nothing else done
-    timm_equal = build_model(parse_model("timm:repghostnet_050"), input_size=SIZE)
+    timm_equal = build_benchmark_model(parse_model("timm:repghostnet_050"), input_size=SIZE)
     assert _n_batchnorms(timm_equal) == 0 and _channels_last(timm_equal)  # treated like ours
-    assert _n_batchnorms(build_model(parse_model("timm:ghostnet_050:train"), input_size=SIZE)) > 0
+    assert _n_batchnorms(build_benchmark_model(parse_model("timm:ghostnet_050:train"), input_size=SIZE)) > 0
 
 
 @pytest.mark.parametrize(
@@ -131,9 +124,9 @@ def test_fold_conv_bn_keeps_a_bn_whose_conv_output_is_used_twice():
         assert torch.allclose(model(x), folded(x))
 
 
-def test_build_model_rejects_a_fold_that_changes_the_outputs():
+def test_build_benchmark_model_rejects_a_fold_that_changes_the_outputs():
     with pytest.raises(ExportVerificationError, match="conv-BN pairs folded"):
-        build_model(parse_model("timm:ghostnet_050"), input_size=SIZE, tolerance=-1.0)
+        build_benchmark_model(parse_model("timm:ghostnet_050"), input_size=SIZE, tolerance=-1.0)
 
 
 def test_published_accuracy_has_sources():
@@ -182,7 +175,7 @@ def test_tiny_run_writes_json_markdown_png(tiny_result, tmp_path):
     paths = write_results(tiny_result, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data == tiny_result.to_dict()  # every value round-trips, samples included
-    assert set(data) == {"environment", "settings", "reference", "measurements"}
+    assert set(data) == {"environment", "settings", "reference", "measurements", "pairs"} and data["pairs"] == []
     assert data["settings"]["runtimes"] == TINY_RUNTIMES and data["settings"]["input_shape"] == [1, *SIZE]
     assert {(m["model"], m["runtime"]) for m in data["measurements"]} == {(a, b) for a in MODELS for b in TINY_RUNTIMES}
     table = paths["markdown"].read_text()
@@ -221,7 +214,7 @@ def test_prepared_runners_time_with_their_threads_and_leave_the_callers(tmp_path
         run, _ = prepare_runner(probe, "eager", input_size=(1, 2, 2), threads=1, work_dir=str(tmp_path), name="p")
         out = run(np.ones((1, 1, 2, 2), np.float32))
         assert probe.seen == [1] and torch.get_num_threads() == 3 and float(out[0].sum()) == 8.0
-        model = build_model(parse_model("repghostnet_050"), input_size=SIZE)
+        model = build_benchmark_model(parse_model("repghostnet_050"), input_size=SIZE)
         frozen, max_rel = prepare_runner(model, "torchscript", input_size=SIZE, threads=1, work_dir=str(tmp_path), name="m")
         assert torch.get_num_threads() == 3 and max_rel <= 1e-4
         frozen(np.zeros((1, *SIZE), np.float32))
@@ -280,11 +273,20 @@ def test_rq1_tiny_run_has_rows_for_each_runtime():
     assert data["network_totals_us"]["eager"]["concat"] == pytest.approx(2 * result.median((8, 16, 16), "eager", "concat"))
 
 
-def test_rq1_net_ratio_subtracts_the_overhead_and_refuses_unresolvable_ops():
-    medians = {"overhead": 10.0, "add": 40.0, "concat": 25.0, "repghost_deploy": 12.0, "ghost_concat": 30.0}
+def test_rq1_net_ratio_subtracts_the_overhead_at_each_ops_input_size_and_refuses_unresolvable_ops():
+    from repghost.bench.rq1 import _op
+
+    shape = ModuleShape(8, 4, 4, 1)
+    g = torch.Generator().manual_seed(0)
+    # the concat ops are fed C/2 channels, and so is the overhead subtracted from them
+    assert [_op(op, shape, g)[1][0] for op in ("ghost_concat", "concat", "overhead_half")] == [4, 4, 4]
+    assert [_op(op, shape, g)[1][0] for op in ("repghost_deploy", "repghost_train", "add", "overhead")] == [8, 8, 8, 8]
+    medians = {"overhead": 10.0, "overhead_half": 6.0, "add": 40.0, "concat": 25.0, "repghost_deploy": 12.0,
+               "ghost_concat": 30.0}
     rows = [RQ1Row(8, 4, 4, 1, "eager", op, us, us, us) for op, us in medians.items()]
     result = RQ1Result({}, {}, rows)
-    assert result.net_ratio((8, 4, 4), "eager", "add", "concat") == pytest.approx((40 - 10) / (25 - 10))
+    assert result.net_ratio((8, 4, 4), "eager", "add", "concat") == pytest.approx((40 - 10) / (25 - 6))
+    assert result.net_ratio((8, 4, 4), "eager", "concat", "add") == pytest.approx((25 - 6) / (40 - 10))
     assert result.net_ratio((8, 4, 4), "eager", "repghost_deploy", "ghost_concat") is None  # 12 < 1.5 x 10
 
 
@@ -341,23 +343,108 @@ def test_cli_bench_without_matplotlib_fails_before_timing(tmp_path, monkeypatch,
 
 def test_int8_keys_time_beside_fp32_where_a_runtime_has_an_int8_path():
     models = ["repghostnet_050", "repghostnet_050:int8"]
-    result = run_benchmark(models, ["eager", "onnxruntime", "mnn"], input_size=SIZE, rounds=3, warmup=1)
+    pair = ("repghostnet_050:int8@mnn", "repghostnet_050@onnxruntime")
+    result = run_benchmark(models, ["eager", "onnxruntime", "mnn"], input_size=SIZE, rounds=4, warmup=1, pairs=[pair])
     assert parse_model("repghostnet_050:int8").int8 and not parse_model("repghostnet_050").int8
     assert result.find("repghostnet_050:int8", "eager") is None  # eager PyTorch has no int8 form
     for runtime in ("onnxruntime", "mnn"):
-        m = result.get("repghostnet_050:int8", runtime)
+        m, ref = result.get("repghostnet_050:int8", runtime), result.get("repghostnet_050", runtime)
         # quantized, so not bit-equal to float, but within the broken-file bound
-        assert 0 < m.max_rel_error <= deploy_latency.INT8_TOLERANCE and m.paired_ratio > 0 and m.top1 is None
+        assert 0 < m.max_rel_error <= INT8_TOLERANCE and m.top1 is None
+        # int8 / fp32 in the same runtime: paired round by round, with the spread of those ratios
+        per_round = sorted(x / y for x, y in zip(m.samples_ms, ref.samples_ms))
+        assert m.paired_ratio == pytest.approx(statistics.median(per_round), rel=1e-12)
+        assert m.ratio_iqr == pytest.approx(list(np.percentile(per_round, [25, 75])), rel=1e-12)
+        assert per_round[0] <= m.ratio_iqr[0] <= m.paired_ratio <= m.ratio_iqr[1] <= per_round[-1]
+    # the cross-runtime pair was timed in a phase of its own: its samples are not the per-runtime ones
+    (p,) = result.pairs
+    assert (p.model, p.runtime, p.reference_model, p.reference_runtime) == (
+        "repghostnet_050:int8", "mnn", "repghostnet_050", "onnxruntime")
+    assert len(p.samples_ms) == len(p.reference_samples_ms) == 4
+    assert p.samples_ms != result.get("repghostnet_050:int8", "mnn").samples_ms
+    per_round = [x / y for x, y in zip(p.samples_ms, p.reference_samples_ms)]
+    assert p.paired_ratio == pytest.approx(statistics.median(per_round), rel=1e-12)
+    assert p.ratio_iqr == pytest.approx(list(np.percentile(per_round, [25, 75])), rel=1e-12)
     table = markdown_table(result)
     row = [line for line in table.splitlines() if line.startswith("| repghostnet_050:int8 ")][0]
     assert row.split("|")[3].strip() == "-" and "then int8" in table
+    assert f"| repghostnet_050:int8 | mnn | {p.median_ms:.2f} | repghostnet_050 | onnxruntime |" in table
+    assert f"{p.paired_ratio:.2f} [{p.ratio_iqr[0]:.2f}-{p.ratio_iqr[1]:.2f}]" in table
     with pytest.raises(ValueError, match="no int8 path"):
-        prepare_runner(build_model(parse_model("repghostnet_050")), "eager", input_size=SIZE, threads=1,
+        prepare_runner(build_benchmark_model(parse_model("repghostnet_050")), "eager", input_size=SIZE, threads=1,
                        work_dir=".", name="x", int8=True)
+    with pytest.raises(ValueError, match="both in onnxruntime"):
+        run_benchmark(models, ["onnxruntime"], input_size=SIZE, pairs=[("repghostnet_050@onnxruntime", "repghostnet_050:int8@onnxruntime")])
+    with pytest.raises(ValueError, match="MODEL@RUNTIME"):
+        run_benchmark(models, ["onnxruntime"], input_size=SIZE, pairs=[("repghostnet_050", "repghostnet_050@mnn")])
 
 
-def test_compile_runtime_freezes_and_times_int8_through_the_x86_quantizer():
+class _InductorSpy:
+    """Records, for each compilation inductor does (nested compile_fx calls count as one), whether
+    weight freezing was on in inductor's config at any point of it."""
+
+    def __init__(self, monkeypatch):
+        import torch._inductor.compile_fx as compile_fx_module
+        import torch._inductor.config as inductor_config
+
+        self.compilations, self._depth = [], 0
+        real = compile_fx_module.compile_fx
+
+        def spy(*args, **kwargs):
+            if self._depth == 0:
+                self.compilations.append(False)
+            self.compilations[-1] |= bool(inductor_config.freezing)
+            self._depth += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+
+
+def test_compile_for_cpu_freezes_and_keeps_freezing_through_a_dynamo_reset(monkeypatch):
+    spy = _InductorSpy(monkeypatch)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        fn = compile_for_cpu(model, x)
+        assert spy.compilations == [True]
+        torch._dynamo.reset()  # what torch.export (the ExecuTorch export) does in the same process
+        out = fn(x)
+        assert spy.compilations == [True, True]  # recompiled, frozen again
+        assert torch.allclose(out, model(x), atol=1e-5)
+
+
+def test_compile_runtime_freezes_in_the_timed_phase_beside_executorch_and_times_int8(monkeypatch):
+    """The case that lost freezing: ExecuTorch's export resets dynamo after the compiled models were
+    prepared, so they recompile in the compile phase's warm-up; every compilation must be frozen."""
     pytest.importorskip("torchao")
-    result = run_benchmark(["repghostnet_050", "repghostnet_050:int8"], ["compile"], input_size=SIZE, rounds=2, warmup=1)
+    spy = _InductorSpy(monkeypatch)
+    result = run_benchmark(["repghostnet_050", "repghostnet_050:int8"], ["compile", "executorch"], input_size=SIZE,
+                           rounds=2, warmup=1)
+    assert len(spy.compilations) >= 4  # fp32 and int8 compiled, then recompiled after the exports' resets
+    assert all(spy.compilations), spy.compilations
     assert result.get("repghostnet_050", "compile").max_rel_error < 1e-4
-    assert 0 < result.get("repghostnet_050:int8", "compile").max_rel_error <= deploy_latency.INT8_TOLERANCE
+    assert 0 < result.get("repghostnet_050:int8", "compile").max_rel_error <= INT8_TOLERANCE
+
+
+def test_a_compilation_during_the_timed_rounds_raises():
+    fn = torch.compile(lambda t: t + 1, backend="eager")
+    x = torch.zeros(3)
+    fn(x)
+    assert time_interleaved({"stable": lambda: fn(x)}, rounds=3, warmup=1)["stable"]  # compiled code reused: fine
+
+    def recompiles():
+        torch._dynamo.reset()
+        fn(x)
+
+    with pytest.raises(CompiledWhileTiming, match="during the timed rounds of cpu phase"):
+        time_interleaved({"a": recompiles}, rounds=2, warmup=1, phase="cpu phase")
+
+
+def test_ratio_iqr_is_the_spread_of_the_per_round_ratios():
+    a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert ratio_iqr(a, b) == (2.0, 4.0) and paired_ratio(a, b) == 3.0
+    with pytest.raises(ValueError):
+        ratio_iqr([1.0], [1.0, 2.0])

@@ -456,13 +456,13 @@ def test_a_comparison_backbone_is_folded_in_the_deploy_file(tmp_path):
 
 
 def test_detector_keys_in_the_latency_benchmark():
-    from repghost.bench.latency import build_model, parse_model
+    from repghost.bench.models import build_benchmark_model, parse_model
 
     spec = parse_model("det:retinanet:ghostnet_050")
     assert (spec.source, spec.detector, spec.arch, spec.train_form) == ("detection", "retinanet", "ghostnet_050", False)
-    core = build_model(spec, input_size=(3, 96, 96))  # folded, and checked against the unfolded one
+    core = build_benchmark_model(spec, input_size=(3, 96, 96))  # folded, and checked against the unfolded one
     assert not any(isinstance(m, _BatchNorm) for m in core.modules())
-    assert any(isinstance(m, _BatchNorm) for m in build_model(parse_model("det:retinanet:ghostnet_050:train")).modules())
+    assert any(isinstance(m, _BatchNorm) for m in build_benchmark_model(parse_model("det:retinanet:ghostnet_050:train")).modules())
     for bad in ("det:yolo:repghostnet_100", "det:retinanet:resnet50", "det:retinanet:repghostnet_100:nchw"):
         with pytest.raises(ValueError, match="detector key"):
             parse_model(bad)

@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .bench.latency import markdown_table, require_plotting, run_benchmark, write_results
+from .bench.latency import run_benchmark
+from .bench.report import markdown_table, require_plotting, write_results
 from .checkpoint import model_from_checkpoint
 from .files import atomic_write
 from .deploy.export import MissingRuntimeError, export_model, require_format

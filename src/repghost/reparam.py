@@ -14,13 +14,18 @@ Words, used with one meaning each throughout the package:
   modules' re-param branches merged, every other BatchNorm kept (the authors' deploy files);
   ``"deploy"``, no BatchNorm and no branch left (this project's inference form).
   :func:`model_form` answers which.
+* **deploy copy** -- what any supported model ships as, from :func:`deploy_copy`, the one
+  definition every caller uses (training's final evaluation, the latency benchmark, the ablation
+  sweep, detector export): this project's models reparameterized; anyone else's (timm's,
+  torchvision's backbones) through timm's ``reparameterize_model`` and then :func:`fold_conv_bn`;
+  detectors through :func:`repghost.detection.fold_detector`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Dict, Optional, Protocol, Tuple, runtime_checkable
+from typing import Dict, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 from torch import fx, nn
@@ -34,6 +39,8 @@ __all__ = [
     "reparameterize_model",
     "model_form",
     "fold_conv_bn",
+    "deploy_copy",
+    "DeployCopy",
     "FORMS",
 ]
 
@@ -250,3 +257,62 @@ def fold_conv_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     left = sum(isinstance(m, _BatchNorm) for m in model.modules())
     _log.debug("folded %d conv-BN pairs of %s; %d BatchNorm left", folded, type(model).__name__, left)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# The deploy copy of any supported model
+# --------------------------------------------------------------------------------------------
+class DeployCopy(NamedTuple):
+    model: nn.Module  # a new module in eval mode; the given model is left as it was
+    form: str  # how it was made, in words (for reports)
+
+
+DEPLOY_FORM = "deploy (every conv-BN pair folded)"
+PARTIAL_FORM = "conv-BN pairs folded; the branch that cannot merge kept"
+OTHER_FORM = "timm's reparameterize_model, then every conv-BN pair folded"
+DETECTOR_FORM = "detector, backbone in deploy form"
+
+
+def deploy_copy(model: nn.Module, *, partial: bool = False, backbone: Optional[str] = None) -> DeployCopy:
+    """The deploy copy of any model this project supports, and its form in words.
+
+    * This project's models (any module holding :class:`Reparameterizable` parts):
+      :func:`reparameterize_model` (``form="deploy"``). A model with no deploy form (the pre-sum
+      ReLU ablation) raises ``ValueError`` saying why, unless ``partial``: then every conv-BN pair
+      is folded and only the branch that cannot merge (the re-param BatchNorm beside the ReLU'd
+      cheap conv) is kept, so its latency is compared with folded models on equal terms.
+    * Anyone else's classifier or backbone (timm's, torchvision's): timm's
+      ``reparameterize_model`` (its re-param branches; a no-op for models without them), then
+      :func:`fold_conv_bn` (every remaining conv-BN pair).
+    * A detector (a module carrying ``detector_config``, or any detector part when ``backbone``
+      names its backbone): :func:`repghost.detection.fold_detector`.
+
+    The result is not checked against ``model`` here: callers that time or ship it compare the two
+    on an input (the benchmark, the sweep), and training evaluates both on the validation set.
+    """
+    model = model.eval()
+    config = getattr(model, "detector_config", None)
+    if backbone is not None or config is not None:
+        # Imported here: detection sits above this module, and only detectors need it
+        # (tests/test_layout.py allows this one function-level import).
+        from .detection.models import fold_detector
+
+        name = backbone if backbone is not None else config.backbone  # type: ignore[union-attr]
+        return DeployCopy(fold_detector(copy.deepcopy(model), name, inplace=True).eval(), DETECTOR_FORM)
+    ours = [m for m in model.modules() if isinstance(m, Reparameterizable)]
+    if ours:
+        try:
+            return DeployCopy(reparameterize_model(model, inplace=False).eval(), DEPLOY_FORM)
+        except ValueError as exc:
+            if not partial:
+                raise
+            reason = str(exc)
+        deployed = copy.deepcopy(model)
+        norms = [m for m in deployed.modules() if isinstance(m, Reparameterizable) and m.reparam_part == "norm"]
+        with torch.no_grad():
+            for module in norms:
+                module.reparameterize()
+        return DeployCopy(deployed.eval(), f"{PARTIAL_FORM} ({reason})")
+    from timm.utils.model import reparameterize_model as timm_reparameterize
+
+    return DeployCopy(fold_conv_bn(timm_reparameterize(model, inplace=False), inplace=True).eval(), OTHER_FORM)

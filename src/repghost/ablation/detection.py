@@ -140,7 +140,7 @@ def _portable(value: Any, out: Path) -> Any:
 
 
 def _environment() -> Dict[str, Any]:
-    from ..bench.latency import environment
+    from ..bench.report import environment
 
     return environment(1)
 

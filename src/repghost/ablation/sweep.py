@@ -7,8 +7,14 @@ Layout of ``output_dir``::
     ablation.md               the same as tables
     ablation.png              top-1 with error bars per variant; top-1 vs latency (needs matplotlib)
 
-A finished run (``final.json`` present) is never retrained; a killed one (``last.pth`` present)
-is resumed; a run directory with neither (killed before its first checkpoint) is started afresh.
+A finished run (``final.json`` present) is reused only when its stored ``config.yaml`` is the
+configuration this sweep asks for (otherwise it is refused, with what differs and what to do); a
+killed one (``last.pth`` present) is resumed under the same check; a run directory with neither
+(killed before its first checkpoint) is started afresh.
+
+Every comparison reports the difference with its 95% interval (Welch). A claim that a change
+"does not hurt" is tested as non-inferiority (two one-sided tests, TOST) with the margin the
+config states under ``ablation: {non_inferiority_margin: POINTS}``.
 """
 
 from __future__ import annotations
@@ -26,20 +32,26 @@ from torch import nn
 
 from ..files import atomic_write
 from ..models.complexity import complexity_report
-from ..reparam import fold_conv_bn, reparameterize_model
-from ..training.checkpointing import BEST, FINAL, LAST, METRICS, resume_config
-from ..training.config import TrainConfig, is_timm_model, load_config
+from ..reparam import deploy_copy
+from ..training.checkpointing import BEST, CONFIG, FINAL, LAST, METRICS, resume_config
+from ..training.config import TrainConfig, load_config
 from ..training.loop import train
 from ..training.setup import network
-from .stats import mean_std, welch_t
+from .report import PNG_NAME, fmt as _fmt, markdown_report, plot_report
+from .stats import mean_std, non_inferiority, welch_t
 from .variants import QUESTIONS, select_variants, variant_overrides
 
-__all__ = ["run_sweep", "SweepResult", "run_name", "deploy_form", "measure_latency", "ALPHA"]
+__all__ = ["run_sweep", "SweepResult", "run_name", "deploy_form", "measure_latency", "ALPHA", "StaleRunError", "load_verdict_settings",
+           "compare_variants"]
 
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05
-JSON_NAME, MD_NAME, PNG_NAME = "ablation.json", "ablation.md", "ablation.png"
+LATENCY_REFERENCE = "repghost"
+JSON_NAME, MD_NAME = "ablation.json", "ablation.md"
+# config.yaml fields that do not change what a run computes: a kept run may differ in these
+_NOT_RESULT_FIELDS = ("output", "workers", "log_interval")
+_FILLED_BY_TRAINER = ("num_classes",)  # None in a config: the trainer stores what it resolved
 Progress = Callable[[str], None]
 
 
@@ -54,6 +66,32 @@ class SweepResult:
 
 def run_name(variant: str, seed_index: int) -> str:
     return f"{variant}-seed{seed_index}"
+
+
+class StaleRunError(ValueError):
+    """A run directory holds a run made with another configuration than the one asked for."""
+
+
+def load_verdict_settings(verdicts: Union[None, str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
+    """The sweep's test settings (``configs/ablation/verdicts.yaml``): ``non_inferiority_margin``,
+    in top-1 points, for the "does not hurt" claims (``None``: those claims are not tested)."""
+    if verdicts is None:
+        values: Any = {}
+    elif isinstance(verdicts, Mapping):
+        values = dict(verdicts)
+    else:
+        import yaml
+
+        path = Path(verdicts)
+        if not path.is_file():
+            raise FileNotFoundError(f"verdict settings file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, Mapping) or set(values) - {"non_inferiority_margin"}:
+        raise ValueError(f"the verdict settings take only non_inferiority_margin (top-1 points), got {values!r}")
+    margin = values.get("non_inferiority_margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0):
+        raise ValueError(f"non_inferiority_margin must be a number of top-1 points > 0, got {margin!r}")
+    return {"non_inferiority_margin": None if margin is None else float(margin)}
 
 
 def _base_values(config: Union[str, os.PathLike, Mapping[str, Any]], overrides: Optional[Mapping[str, Any]],
@@ -78,12 +116,35 @@ def _base_values(config: Union[str, os.PathLike, Mapping[str, Any]], overrides: 
 # --------------------------------------------------------------------------------------------
 # the runs
 # --------------------------------------------------------------------------------------------
+def _check_same_config(values: Mapping[str, Any], run_dir: Path, *, resuming: bool) -> None:
+    """Raise :class:`StaleRunError` when ``run_dir``'s stored config.yaml differs from ``values``
+    (a resumed run may only differ in ``epochs``, which resuming extends)."""
+    if not (run_dir / CONFIG).is_file():
+        raise StaleRunError(f"{run_dir} has a checkpoint but no {CONFIG}: it cannot be checked; delete it to retrain it")
+    stored = resume_config(str(run_dir)).to_dict()
+    asked = load_config(None, dict(values, output=str(run_dir))).to_dict()
+    skip = set(_NOT_RESULT_FIELDS) | ({"epochs"} if resuming else set())
+    # num_classes asked as None is left to the trainer, which stores the dataset's (training/setup.py)
+    diff = {k: (stored.get(k), v) for k, v in asked.items()
+            if k not in skip and not (k in _FILLED_BY_TRAINER and v is None) and stored.get(k) != v}
+    if diff:
+        listed = "; ".join(f"{k}: stored {old!r}, asked {new!r}" for k, (old, new) in sorted(diff.items()))
+        raise StaleRunError(
+            f"{run_dir} was {'started' if resuming else 'trained'} with another configuration than this sweep asks "
+            f"for ({listed}); its results would be reported under the new settings. Use another output folder, "
+            f"or delete {run_dir} to retrain it."
+        )
+
+
 def _train_run(values: Dict[str, Any], run_dir: Path, say: Progress) -> str:
-    """Train, resume or skip one run; returns what was done."""
+    """Train, resume or keep one run; returns what was done. A finished or killed run made with
+    another configuration is refused (:class:`StaleRunError`), never mixed in."""
     if (run_dir / FINAL).is_file():
+        _check_same_config(values, run_dir, resuming=False)
         say(f"{run_dir.name}: finished before, kept")
         return "kept"
     if (run_dir / LAST).is_file():
+        _check_same_config(values, run_dir, resuming=True)
         say(f"{run_dir.name}: resuming from {LAST}")
         cfg = resume_config(str(run_dir), {"epochs": values["epochs"]})
         train(cfg, resume=True)
@@ -101,7 +162,7 @@ def _run_record(variant: str, seed_index: int, seed: int, run_dir: Path) -> Dict
     last = next((r for r in reversed(records) if "val_top1" in r), {})
     final = json.loads((run_dir / FINAL).read_text())
     return dict(
-        variant=variant, seed_index=seed_index, seed=seed, run_dir=str(run_dir),
+        variant=variant, seed_index=seed_index, seed=seed, run_dir=f"runs/{run_dir.name}",  # relative to the sweep folder
         top1=last.get("val_top1"), top1_ema=last.get("ema_top1"), epochs=len(records),
         best_model_top1=final.get("train_form", {}).get("top1"),
         deploy_top1=(final.get("deploy_form") or {}).get("top1"),
@@ -121,24 +182,12 @@ def _trained_model(run_dir: Path) -> "tuple[nn.Module, TrainConfig]":
 
 
 def deploy_form(model: nn.Module, cfg: TrainConfig, *, check_input: Optional[torch.Tensor] = None) -> "tuple[nn.Module, str]":
-    """The form a variant ships in, checked equal to ``model`` on a batch; and its name.
-
-    RepGhostNet: re-parameterized (every conv-BN pair folded); a timm model: timm's
-    ``reparameterize_model`` then every conv-BN pair folded (the latency benchmark's treatment);
-    a variant without a deploy form (``relu_position: pre``): the train form itself.
+    """The form a variant ships in (:func:`repghost.reparam.deploy_copy`, the benchmark's
+    treatment), checked equal to ``model`` on a batch; and its name. A variant without a full
+    deploy form (``relu_position: pre``) is folded as far as it goes: every conv-BN pair, only the
+    re-param branch that cannot merge kept, so its latency is compared on equal terms.
     """
-    model = model.eval()
-    if is_timm_model(cfg.model):
-        from timm.utils.model import reparameterize_model as timm_reparameterize
-
-        deployed, form = fold_conv_bn(timm_reparameterize(model, inplace=False)), "timm reparameterized, conv-BN folded"
-    else:
-        try:
-            deployed, form = reparameterize_model(model, inplace=False), "deploy (folded)"
-        except ValueError as exc:
-            log.info("%s: %s; timing the train form", cfg.model, exc)
-            return model, "train (no deploy form)"
-    deployed = deployed.eval()
+    deployed, form = deploy_copy(model.eval(), partial=True)
     x = check_input if check_input is not None else torch.randn(4, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = model(x), deployed(x)
@@ -157,43 +206,31 @@ def measure_latency(
     threads: int = 1,
     reference: Optional[str] = None,
     progress: Optional[Progress] = None,
-) -> Dict[str, Dict[str, Dict[str, float]]]:
+) -> Dict[str, Dict[str, Dict[str, Any]]]:
     """Batch-1 latency of each model in each runtime, ``threads`` threads, interleaved per
     runtime (the latency benchmark's machinery); ``{name: {runtime: {median_ms, p10_ms, p90_ms,
-    paired_ratio}}}``, ratios against ``reference`` (default: the first model)."""
-    import tempfile
-
+    paired_ratio, ratio_iqr, samples_ms}}}``, ratios against ``reference`` (default: the first model), with the
+    interquartile range of the per-round ratios (:func:`repghost.bench.timing.time_models`)."""
     import numpy as np
 
-    from ..bench.latency import check_runtimes, paired_ratio, prepare_runner, time_in_phases
+    from ..bench.timing import paired_ratio, ratio_iqr, time_models
 
-    check_runtimes(runtimes)
     names = list(models)
     reference = reference if reference in names else names[0]
-    x = np.random.default_rng(0).standard_normal((1, *input_size), dtype=np.float32)
-    saved = torch.get_num_threads()
-    runners: Dict[Any, Callable[[], object]] = {}
-    with tempfile.TemporaryDirectory(prefix="repghost-ablate-") as work:
-        try:
-            for name in names:
-                for runtime in runtimes:
-                    run, _ = prepare_runner(models[name], runtime, input_size=input_size, threads=threads,
-                                            work_dir=work, name=name.replace("-", "_"))
-                    runners[(name, runtime)] = (lambda run=run: run(x))
-            if progress is not None:
-                progress(f"latency: {len(names)} models exported and verified; timing {rounds} rounds per runtime")
-            torch.set_num_threads(threads)
-            samples = time_in_phases(runners, lambda key: key[1], rounds=rounds, warmup=warmup)
-        finally:
-            torch.set_num_threads(saved)
-    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    if progress is not None:
+        progress(f"latency: exporting and verifying {len(names)} models; then {rounds} rounds per runtime")
+    timed = time_models({name: models[name] for name in names}, runtimes, input_size=input_size, rounds=rounds,
+                        warmup=warmup, threads=threads)
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for name in names:
         out[name] = {}
         for runtime in runtimes:
-            ms = np.asarray(samples[(name, runtime)]) * 1e3
+            samples, ref = timed.samples[(name, runtime)], timed.samples[(reference, runtime)]
+            ms = np.asarray(samples) * 1e3
             out[name][runtime] = dict(
                 median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)), p90_ms=float(np.percentile(ms, 90)),
-                paired_ratio=paired_ratio(samples[(name, runtime)], samples[(reference, runtime)]),
+                paired_ratio=paired_ratio(samples, ref), ratio_iqr=list(ratio_iqr(samples, ref)),
+                samples_ms=[float(v) for v in ms],  # round r of every model in this runtime is the same round
             )
     return out
 
@@ -212,13 +249,16 @@ def run_sweep(
     *,
     latency_rounds: int = 100,
     latency_runtimes: Sequence[str] = ("eager", "onnxruntime"),
+    verdicts: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
     progress: Optional[Progress] = None,
 ) -> SweepResult:
     """Train every (variant, seed) of the ablation with :func:`repghost.training.loop.train`, then
     write ``ablation.json``, ``ablation.md`` and ``ablation.png`` in ``output_dir``.
 
     ``config``: a training config file or a mapping of its fields (the base: the paper's
-    RepGhostNet); ``overrides``, ``data`` and ``epochs`` change it for every run. Seed ``k`` of a
+    RepGhostNet); ``overrides``, ``data`` and ``epochs`` change it for every run. ``verdicts``: the
+    test settings (:func:`load_verdict_settings`: a file such as ``configs/ablation/verdicts.yaml``
+    or a mapping) with the non-inferiority margin of the "does not hurt" claims. Seed ``k`` of a
     variant trains with ``seed = base seed + k``. ``latency_rounds=0`` skips the latency.
     """
     say: Progress = progress or (lambda line: log.info("%s", line))
@@ -227,6 +267,7 @@ def run_sweep(
     if latency_rounds < 0:
         raise ValueError(f"latency_rounds must be >= 0, got {latency_rounds}")
     chosen = select_variants(variants)
+    margin = load_verdict_settings(verdicts)["non_inferiority_margin"]
     base = _base_values(config, overrides, data, epochs)
     run_values = {v.name: load_config(None, dict(base, **variant_overrides(v, base["model"]))).to_dict() for v in chosen}
     out = Path(output_dir)
@@ -270,7 +311,7 @@ def run_sweep(
         say(f"latency: {len(shipped)} models x {', '.join(latency_runtimes)}, batch 1, 1 thread, {latency_rounds} rounds")
         latency = measure_latency(
             shipped, input_size=(3, base["img_size"], base["img_size"]), rounds=latency_rounds,
-            runtimes=latency_runtimes, reference="repghost", warmup=min(10, latency_rounds), progress=say,
+            runtimes=latency_runtimes, reference=LATENCY_REFERENCE, warmup=min(10, latency_rounds), progress=say,
         )
         for name, lat in latency.items():
             per_variant[name]["latency"] = lat
@@ -280,15 +321,16 @@ def run_sweep(
     report = dict(
         settings=dict(
             base_config=base, variants=[v.name for v in chosen], seeds=seeds, alpha=ALPHA,
+            non_inferiority_margin=margin,
             metric="top-1 (%) on the validation set after the last epoch; EMA and raw weights",
             seed_rule="seed k trains with seed = base seed + k",
             latency=None if latency is None else dict(rounds=latency_rounds, runtimes=list(latency_runtimes), batch=1,
                                                       threads=1, method="per runtime, models interleaved, shuffled each round",
-                                                      reference="repghost"),
+                                                      reference=LATENCY_REFERENCE),
         ),
         runs=runs,
         variants=per_variant,
-        comparisons=_comparisons(per_variant, runs),
+        comparisons=compare_variants(per_variant, runs, margin),
     )
     json_path = out / JSON_NAME
     text = json.dumps(report, indent=2)
@@ -296,141 +338,65 @@ def run_sweep(
     md_path = out / MD_NAME
     md = markdown_report(report)
     atomic_write(md_path, lambda tmp: Path(tmp).write_text(md))
-    png_path = _plot(report, out / PNG_NAME)
+    png_path = plot_report(report, out / PNG_NAME)
     return SweepResult(out, report, json_path, md_path, png_path)
 
 
-def _comparisons(per_variant: Mapping[str, Dict[str, Any]], runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def compare_variants(per_variant: Mapping[str, Dict[str, Any]], runs: List[Dict[str, Any]],
+                     margin: Optional[float]) -> List[Dict[str, Any]]:
+    """Every research question whose two variants are in ``per_variant``, tested on ``runs``
+    (:func:`_verdict` on top-1 EMA and raw), with latency side by side where it was measured."""
     result = []
     for q in QUESTIONS:
         if q.better not in per_variant or q.worse not in per_variant:
             continue
-        entry: Dict[str, Any] = dict(key=q.key, title=q.title, claim=q.claim, better=q.better, worse=q.worse)
+        entry: Dict[str, Any] = dict(key=q.key, title=q.title, claim=q.claim, kind=q.kind, better=q.better, worse=q.worse)
         for metric in ("top1_ema", "top1"):
             a = [r[metric] for r in runs if r["variant"] == q.better and r[metric] is not None]
             b = [r[metric] for r in runs if r["variant"] == q.worse and r[metric] is not None]
-            entry[metric] = _verdict(a, b)
+            entry[metric] = _verdict(a, b, kind=q.kind, margin=margin)
         entry["verdict"] = entry["top1_ema"]["verdict"]
         lat_a, lat_b = per_variant[q.better]["latency"], per_variant[q.worse]["latency"]
         if lat_a and lat_b:
+            # the latency reference is "repghost", every question's preferred variant: the worse
+            # variant's ratio is the pair's own, round by round (paired), with its IQR
+            assert q.better == LATENCY_REFERENCE, q
             entry["latency_ms"] = {rt: {q.better: lat_a[rt]["median_ms"], q.worse: lat_b[rt]["median_ms"],
-                                        "paired_ratio": lat_b[rt]["paired_ratio"]} for rt in lat_a}
+                                        "paired_ratio": lat_b[rt]["paired_ratio"], "ratio_iqr": lat_b[rt]["ratio_iqr"]}
+                                   for rt in lat_a}
         result.append(entry)
     return result
 
 
-def _verdict(a: List[float], b: List[float]) -> Dict[str, Any]:
+def _verdict(a: List[float], b: List[float], *, kind: str = "superiority", margin: Optional[float] = None) -> Dict[str, Any]:
+    """The test of one claim on two groups of per-seed values (``a``: the variant the paper
+    prefers): Welch's two-sided test with the 95% interval of ``mean(a) - mean(b)`` always; for a
+    "does not hurt" claim (``kind="non-inferiority"``) the verdict comes from TOST with ``margin``."""
     if len(a) < 2 or len(b) < 2:
-        return dict(difference=None, t=None, dof=None, p=None,
+        return dict(difference=None, t=None, dof=None, p=None, ci_low=None, ci_high=None,
                     verdict="not resolved at this scale", note="fewer than 2 seeds per variant: no test")
-    test = welch_t(a, b)
-    out: Dict[str, Any] = dict(test)
-    p = test["p"]
-    if p is None:
+    out: Dict[str, Any] = dict(welch_t(a, b))
+    if out["p"] is None:
         out["note"] = "p unavailable (scipy not installed, or no spread between seeds)"
         out["verdict"] = "not resolved at this scale"
-    elif p < ALPHA and test["difference"] > 0:
+        return out
+    if kind == "non-inferiority":
+        if margin is None:
+            out["verdict"] = "not tested: no non-inferiority margin given (repghost ablate --verdicts)"
+            return out
+        tost = non_inferiority(a, b, margin, alpha=ALPHA)
+        out["non_inferiority"] = tost
+        if tost["p_lower"] is not None and tost["p_lower"] < ALPHA:
+            out["verdict"] = "holds"  # not worse by the margin or more
+        elif tost["ci_high"] is not None and tost["ci_high"] < -margin:
+            out["verdict"] = "contradicted"  # worse by more than the margin
+        else:
+            out["verdict"] = "not resolved at this scale"
+        return out
+    if out["p"] < ALPHA and out["difference"] > 0:
         out["verdict"] = "holds"
-    elif p < ALPHA and test["difference"] < 0:
+    elif out["p"] < ALPHA and out["difference"] < 0:
         out["verdict"] = "contradicted"
     else:
         out["verdict"] = "not resolved at this scale"
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# reports
-# --------------------------------------------------------------------------------------------
-def _fmt(value: Optional[float], spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def variant_table(report: Mapping[str, Any]) -> str:
-    rows = ["| variant | model | top-1 EMA (mean ± std) | top-1 raw (mean ± std) | seeds | params | MMACs | form | eager ms | onnxruntime ms |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, v in report["variants"].items():
-        lat = v.get("latency") or {}
-        rows.append(
-            f"| {name} | {v['model']} | {_fmt(v['top1_ema']['mean'])} ± {_fmt(v['top1_ema']['std'])} | "
-            f"{_fmt(v['top1']['mean'])} ± {_fmt(v['top1']['std'])} | {v['top1_ema']['n']} | {v['params']:,} | "
-            f"{v['macs'] / 1e6:.1f} | {v['form']} | {_fmt(lat.get('eager', {}).get('median_ms'), '.3f')} | "
-            f"{_fmt(lat.get('onnxruntime', {}).get('median_ms'), '.3f')} |"
-        )
-    return "\n".join(rows)
-
-
-def comparison_table(report: Mapping[str, Any]) -> str:
-    rows = ["| question | paper's claim | compared | Δ top-1 EMA | t | dof | p | verdict |", "|---|---|---|---|---|---|---|---|"]
-    for c in report["comparisons"]:
-        s = c["top1_ema"]
-        rows.append(
-            f"| {c['title']} | {c['claim']} | {c['better']} − {c['worse']} | {_fmt(s['difference'], '+.2f')} | "
-            f"{_fmt(s['t'], '.2f')} | {_fmt(s['dof'], '.1f')} | {_fmt(s['p'], '.3g') if s['p'] is not None else 'p unavailable'} | {s['verdict']} |"
-        )
-    return "\n".join(rows)
-
-
-def markdown_report(report: Mapping[str, Any]) -> str:
-    s = report["settings"]
-    base = s["base_config"]
-    lines = [
-        "# Ablation study",
-        "",
-        f"Base: {base['model']} on {base['data']} at {base['img_size']} px, {base['epochs']} epochs, "
-        f"{s['seeds']} seed(s) per variant ({s['seed_rule']}). Metric: {s['metric']}.",
-        "",
-        "## Variants (mean ± std over seeds: the seed-to-seed spread)",
-        "",
-        variant_table(report),
-        "",
-        "## Research questions (Welch's t-test on top-1 EMA, two-sided, α = 0.05)",
-        "",
-        "\"holds\": the difference is in the paper's direction and p < 0.05; \"contradicted\": the opposite "
-        "direction with p < 0.05; otherwise \"not resolved at this scale\".",
-        "",
-        comparison_table(report) if report["comparisons"] else "(no pair of compared variants in this sweep)",
-        "",
-    ]
-    if s["latency"]:
-        lines += [f"Latency: batch 1, 1 thread, {s['latency']['rounds']} rounds, {s['latency']['method']}; "
-                  "each variant's deploy form (train form where it has none).", ""]
-    else:
-        lines += ["Latency: not measured (latency_rounds=0).", ""]
-    lines += ["## Runs", "", "| run | seed | top-1 raw | top-1 EMA |", "|---|---|---|---|"]
-    lines += [f"| {r['variant']}-seed{r['seed_index']} | {r['seed']} | {_fmt(r['top1'])} | {_fmt(r['top1_ema'])} |" for r in report["runs"]]
-    return "\n".join(lines) + "\n"
-
-
-def _plot(report: Mapping[str, Any], path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("%s not written: matplotlib is not installed (pip install matplotlib)", path.name)
-        return None
-    variants = report["variants"]
-    names = list(variants)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    means = [variants[n]["top1_ema"]["mean"] or 0.0 for n in names]
-    errs = [variants[n]["top1_ema"]["std"] or 0.0 for n in names]
-    ax1.bar(range(len(names)), means, yerr=errs, capsize=4)
-    ax1.set_xticks(range(len(names)))
-    ax1.set_xticklabels(names, rotation=30, ha="right")
-    ax1.set(ylabel="top-1 EMA (%), mean ± std over seeds", title="accuracy per variant")
-    for n in names:
-        lat = variants[n].get("latency")
-        if lat and "eager" in lat and variants[n]["top1_ema"]["mean"] is not None:
-            ax2.errorbar(lat["eager"]["median_ms"], variants[n]["top1_ema"]["mean"],
-                         yerr=variants[n]["top1_ema"]["std"] or 0.0, fmt="o", capsize=3)
-            ax2.annotate(n, (lat["eager"]["median_ms"], variants[n]["top1_ema"]["mean"]), fontsize=8)
-    ax2.set(xlabel="eager latency, batch 1, 1 thread (ms)", ylabel="top-1 EMA (%)", title="accuracy vs latency")
-    if not any(variants[n].get("latency") for n in names):
-        ax2.text(0.5, 0.5, "latency not measured", ha="center", va="center", transform=ax2.transAxes)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-    return path

@@ -41,6 +41,9 @@ class Question:
     better: str  # the variant the paper finds at least as good
     worse: str
     claim: str
+    # "superiority": better > worse (Welch, two-sided); "non-inferiority": a "does not hurt" claim,
+    # better not worse than worse by the config's margin (TOST)
+    kind: str = "superiority"
 
 
 QUESTIONS = (
@@ -49,7 +52,8 @@ QUESTIONS = (
     Question("RQ2-no-reparam", "RQ2 re-parameterization structure", "repghost", "no-reparam",
              "the BN re-parameterization branch beats no re-parameterization"),
     Question("RQ3", "RQ3 ReLU position", "repghost", "relu-pre",
-             "moving the ReLU after the sum (which makes the fusion possible) does not hurt accuracy"),
+             "moving the ReLU after the sum (which makes the fusion possible) does not hurt accuracy",
+             kind="non-inferiority"),
     Question("RQ4", "RQ4 shortcut", "repghost", "no-shortcut", "the identity shortcut helps"),
     Question("GhostNet", "RepGhostNet vs GhostNet at the same width", "repghost", "ghostnet",
              "RepGhostNet is more accurate than GhostNet at the same width (and faster)"),

@@ -8,19 +8,20 @@ depthwise conv reads), time the module *outputs* the paper compares, each produc
 * ``repghost_deploy`` RepGhost re-parameterized: ``dw_with_bias(x1)``, C channels
 * ``concat``         bare ``cat(a, b)``, a and b of C/2 channels (b a constant)
 * ``add``            bare ``a + b``, both C channels (b a constant)
-* ``overhead``       ``x`` returned as it is: the runtime's fixed per-call cost at that size
+* ``overhead``       ``x`` returned as it is, x of C channels: the runtime's fixed per-call cost to
+  feed and fetch the input of the C-channel ops
+* ``overhead_half``  the same with C/2 channels: the cost to feed the input of ``ghost_concat`` and
+  ``concat`` (their output, C channels, is fetched like the others')
 
 in eager PyTorch, ONNX Runtime and MNN (and ExecuTorch when installed), with the benchmark's
-method: batch 1, one thread, every export verified, then runtime by runtime all (shape, op) pairs
-interleaved and shuffled each round.
+method (:func:`repghost.bench.timing.time_models`): batch 1, one thread, every export verified,
+then runtime by runtime all (shape, op) pairs interleaved and shuffled each round.
 Each sample averages ``inner`` back-to-back calls, since single calls last microseconds.
 """
 
 from __future__ import annotations
 
 import collections
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -28,14 +29,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .latency import Progress, check_runtimes, environment, prepare_runner, time_in_phases
+from .report import environment
+from .runners import check_runtimes
+from .timing import Progress, time_models
 from ..models.layers import ConvNorm
 from ..create import create_model
 from ..models.repghostnet import RepGhostModule
 
 __all__ = ["OPS", "RQ1_RUNTIMES", "ModuleShape", "RQ1Row", "RQ1Result", "module_shapes", "run_rq1"]
 
-OPS = ("ghost_concat", "repghost_train", "repghost_deploy", "concat", "add", "overhead")
+OPS = ("ghost_concat", "repghost_train", "repghost_deploy", "concat", "add", "overhead", "overhead_half")
+# The input each op is fed: C/2 channels for the concat ops, C for the others; an op's net time
+# subtracts the overhead measured at its own input size.
+_HALF_INPUT = ("ghost_concat", "concat", "overhead_half")
 RQ1_RUNTIMES = ("eager", "onnxruntime", "mnn")
 
 
@@ -131,6 +137,8 @@ def _op(name: str, shape: ModuleShape, g: torch.Generator) -> Tuple[nn.Module, T
         return _Binary(torch.randn(1, c, h, w, generator=g), concat=False), (c, h, w)
     if name == "overhead":
         return _Overhead(), (c, h, w)
+    if name == "overhead_half":
+        return _Overhead(), (half, h, w)
     raise ValueError(f"unknown op {name!r}; valid ops: {', '.join(OPS)}")
 
 
@@ -163,17 +171,20 @@ class RQ1Result:
         raise KeyError(f"no row for {shape} {runtime} {op}")
 
     def net_ratio(self, shape: Tuple[int, int, int], runtime: str, op: str, ref_op: str) -> Optional[float]:
-        """``op``'s median over ``ref_op``'s, each net of the ``overhead`` op's median (the runtime's
-        cost to feed and fetch a tensor of that size); ``None`` when either net time is below half
-        the overhead, too close to it for one call to resolve.
+        """``op``'s median over ``ref_op``'s, each net of the overhead at its own input size (the
+        ``overhead_half`` op's median for the ops fed C/2 channels, ``overhead``'s for the others:
+        the runtime's cost to feed and fetch a tensor of that size); ``None`` when either net time
+        is below half its overhead, too close to it for one call to resolve.
 
         A ratio of medians, not :func:`~repghost.bench.latency.paired_ratio`: a single round's
         net time can be <= 0 at these sizes, so per-round net ratios are not defined.
         """
-        overhead = self.median(shape, runtime, "overhead")
-        net = self.median(shape, runtime, op) - overhead
-        net_ref = self.median(shape, runtime, ref_op) - overhead
-        if min(net, net_ref) < 0.5 * overhead:
+        def overhead(name: str) -> float:
+            return self.median(shape, runtime, "overhead_half" if name in _HALF_INPUT else "overhead")
+
+        net = self.median(shape, runtime, op) - overhead(op)
+        net_ref = self.median(shape, runtime, ref_op) - overhead(ref_op)
+        if net < 0.5 * overhead(op) or net_ref < 0.5 * overhead(ref_op):
             return None
         return net / net_ref
 
@@ -222,39 +233,22 @@ def run_rq1(
         raise ValueError(f"inner must be >= 1, got {inner}")
     shapes = list(shapes) if shapes is not None else module_shapes(model_name, input_size)
     g = torch.Generator().manual_seed(seed)
-    saved_threads = torch.get_num_threads()
-    work = tempfile.mkdtemp(prefix="repghost-rq1-")
-    runners = {}
-    try:
-        env = environment(threads)
-        total, done = len(shapes) * len(ops) * len(runtimes), 0
-        for shape in shapes:
-            for op in ops:
-                module, in_size = _op(op, shape, g)
-                module.eval()
-                x = np.random.default_rng(seed).standard_normal((1, *in_size), dtype=np.float32)
-                for runtime in runtimes:
-                    key = (shape, runtime, op)
-                    name = f"{op}_{shape.channels}x{shape.height}x{shape.width}"
-                    run, _ = prepare_runner(module, runtime, input_size=in_size, threads=threads, work_dir=work, name=name)
-                    runners[key] = lambda run=run, x=x: [run(x) for _ in range(inner)]
-                    done += 1
-                    if progress is not None:
-                        progress("prepare", done, total)
-        torch.set_num_threads(threads)
-        # One phase per runtime (key: shape, runtime, op), as in the latency benchmark.
-        samples = time_in_phases(
-            runners, lambda key: key[1], rounds=rounds, warmup=warmup, seed=seed, progress=progress  # type: ignore[index]
-        )
-    finally:
-        torch.set_num_threads(saved_threads)
-        shutil.rmtree(work, ignore_errors=True)
+    env = environment(threads)
+    modules: Dict[Tuple[ModuleShape, str], nn.Module] = {}
+    sizes: Dict[Tuple[ModuleShape, str], Tuple[int, int, int]] = {}
+    for shape in shapes:
+        for op in ops:
+            module, sizes[(shape, op)] = _op(op, shape, g)
+            modules[(shape, op)] = module.eval()
+    timed = time_models(modules, runtimes, input_size=sizes, rounds=rounds, warmup=warmup, threads=threads,
+                        seed=seed, inner=inner, progress=progress)
+    samples = {(name[0], runtime, name[1]): s for (name, runtime), s in timed.samples.items()}  # type: ignore[index]
 
     rows = []
     for shape in shapes:
         for runtime in runtimes:
             for op in ops:
-                us = np.asarray(samples[(shape, runtime, op)]) * 1e6 / inner
+                us = np.asarray(samples[(shape, runtime, op)]) * 1e6
                 rows.append(
                     RQ1Row(
                         shape.channels, shape.height, shape.width, shape.count, runtime, op,

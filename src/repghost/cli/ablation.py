@@ -12,7 +12,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "ablate",
-        help="the paper's ablation study: train every (variant, seed), compare with Welch's t-tests",
+        help="the paper's ablation study: train every (variant, seed), compare with Welch's t-tests (95% intervals) and non-inferiority tests",
         description=(
             "Train each ablation variant with several seeds through `repghost train`'s trainer (finished runs are "
             "kept, killed ones resumed), then write OUTPUT/ablation.json, ablation.md and ablation.png. "
@@ -28,6 +28,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override any config field (YAML value)")
     p.add_argument("--latency-rounds", type=int, default=100, metavar="N",
                    help="latency rounds per variant and runtime (eager, onnxruntime; batch 1, 1 thread); 0 skips (default: 100)")
+    p.add_argument("--verdicts", default=None, metavar="YAML",
+                   help="test settings: the non-inferiority margin (top-1 points) of the 'does not hurt' claims "
+                   "(e.g. configs/ablation/verdicts.yaml); without it those claims are reported untested")
     p.set_defaults(run=cmd_ablate)
 
 
@@ -38,7 +41,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     result = run_sweep(
         args.config, args.output, variants=variants, seeds=args.seeds, overrides=parse_set(args.set),
-        data=args.data, epochs=args.epochs, latency_rounds=args.latency_rounds,
+        data=args.data, epochs=args.epochs, latency_rounds=args.latency_rounds, verdicts=args.verdicts,
         progress=lambda line: print(line, flush=True),
     )
     print()

@@ -10,7 +10,8 @@ from typing import Callable, Dict
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from ..bench.latency import DEFAULT_MODELS, DEFAULT_RUNTIMES, MODEL_KEY_SYNTAX, RUNTIMES
+    from ..bench.models import DEFAULT_MODELS, MODEL_KEY_SYNTAX
+    from ..bench.runners import DEFAULT_RUNTIMES, RUNTIMES
     from ..deploy.export import FORMATS, MAX_OPSET, MIN_OPSET
     from ..training.data import DATASETS
 
@@ -88,6 +89,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip the accuracy-vs-latency PNG (needs matplotlib)")
     p.add_argument("--keep-exports", default=None, metavar="DIR", help="keep the exported models in DIR")
     p.add_argument(
+        "--pair", nargs=2, action="append", default=None, metavar=("MODEL@RUNTIME", "REFERENCE@RUNTIME"),
+        help="a cross-runtime ratio to measure, e.g. --pair repghostnet_100:int8@executorch "
+        "repghostnet_100@onnxruntime: the two are timed against each other in a phase of their own "
+        "(both must be among --models and --runtimes); repeatable",
+    )
+    p.add_argument(
         "--rq1", action="store_true",
         help="research question 1 micro-benchmark; uses --runtimes, --threads, --img-size, --rounds, "
         f"--warmup, --out and --rq1-model, and ignores {', '.join(_RQ1_IGNORES)}",
@@ -98,7 +105,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 # bench options that --rq1 does not use: (flag, attribute, value when not given)
 _RQ1_IGNORED = (("--models", "models", None), ("--reference", "reference", None),
-                ("--no-plot", "no_plot", False), ("--keep-exports", "keep_exports", None))
+                ("--no-plot", "no_plot", False), ("--keep-exports", "keep_exports", None), ("--pair", "pair", None))
 _RQ1_IGNORES = [flag for flag, _, _ in _RQ1_IGNORED]
 
 
@@ -215,7 +222,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if given:
             print(f"repghost bench: warning: --rq1 ignores {', '.join(given)}", file=sys.stderr)
         return _bench_rq1(args)
-    from ..bench.latency import DEFAULT_MODELS, markdown_table, require_plotting, run_benchmark, write_results
+    from ..bench.latency import run_benchmark
+    from ..bench.models import DEFAULT_MODELS
+    from ..bench.report import markdown_table, require_plotting, write_results
 
     if args.out is not None and not args.no_plot:
         require_plotting()  # before minutes of timing, not after
@@ -227,6 +236,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         input_size=(3, args.img_size, args.img_size),
         rounds=args.rounds if args.rounds is not None else 100,
         warmup=args.warmup if args.warmup is not None else 10,
+        pairs=[tuple(p) for p in args.pair or ()],
         work_dir=args.keep_exports,
         progress=_tqdm_progress(),
     )

@@ -1,22 +1,69 @@
 """PyTorch's own fastest CPU inference path for a deployed model: ``torch.compile`` with freezing.
 
-What was tried (docs/quantization.md, "The fastest PyTorch path", with the measurements): inductor
-with and without weight freezing, channels_last and NCHW, ``max-autotune``, ``cpp_wrapper``, 1x1
-convolutions as matrix products, and the X86 inductor int8 quantizer. Freezing (weights become
-constants, so inductor pre-packs them for oneDNN and fuses the activations into the convolutions)
-is the setting that is never slower, and the one int8 needs; the others changed nothing measurable
-or were slower. What bounds this path at batch 1 is the time inside oneDNN's convolutions, not
-Python overhead or missing fusions (the profiles are in the docs).
+Settings tried (``benchmarks/pytorch_paths.py``, docs/quantization.md, "The fastest PyTorch
+path"): inductor with and without weight freezing, channels_last and NCHW, ``max-autotune``,
+``cpp_wrapper``, 1x1 convolutions as matrix products, and the X86 inductor int8 quantizer. Freezing
+(weights become constants, so inductor can pre-pack them for oneDNN and fold them into the
+kernels) is what this path uses, and what the int8 graph needs. The measurements that compared the
+settings were found to have timed every variant but the int8 one without its settings (they were
+patched in for the first call only, and lost on the next compile); their figures are pending
+re-measurement, so no speed claim is made here.
+
+The settings are given to ``torch.compile`` itself (``options=``), so inductor applies them
+whenever the model is compiled, including a recompile after ``torch._dynamo.reset()`` (which
+``torch.export``, e.g. the ExecuTorch export, calls); an ``inductor_config.patch`` around the first
+call would be lost then. Dynamo also reads ``freezing`` while it traces (frozen weights become
+graph constants, which the int8 graph's weight pre-packing needs), and ``options=`` does not reach
+it: the returned callable therefore turns ``freezing`` on for exactly the compilations that its
+own calls trigger, through dynamo's compile-start/end callbacks (re-registered after a reset, which
+clears them); the caller's other ``torch.compile`` calls keep their settings.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Dict, List
 
 import torch
 from torch import nn
 
-__all__ = ["compile_for_cpu"]
+__all__ = ["compile_for_cpu", "CPU_OPTIONS"]
+
+# inductor settings of this path; torch.compile(model, options=CPU_OPTIONS)
+CPU_OPTIONS: Dict[str, object] = {"freezing": True}
+
+
+class _FrozenCompiled:
+    """``torch.compile``'d ``model`` whose every compilation runs with inductor's freezing on."""
+
+    def __init__(self, compiled: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._compiled = compiled
+        self._calling = False
+        self._saved: List[bool] = []
+        self._start, self._end = self._on_compile_start, self._on_compile_end  # one bound method each
+
+    def _on_compile_start(self, _args: object) -> None:
+        if self._calling:  # a compilation triggered by our own call
+            import torch._inductor.config as inductor_config
+
+            self._saved.append(inductor_config.freezing)
+            inductor_config.freezing = True
+
+    def _on_compile_end(self, _args: object) -> None:
+        if self._saved:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = self._saved.pop()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        handler = torch._dynamo.callback_handler
+        if self._start not in handler.start_callbacks:  # first call, or torch._dynamo.reset() cleared them
+            handler.register_start_callback(self._start)
+            handler.register_end_callback(self._end)
+        self._calling = True
+        try:
+            return self._compiled(x)
+        finally:
+            self._calling = False
 
 
 def compile_for_cpu(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -28,13 +75,9 @@ def compile_for_cpu(model: nn.Module, example: torch.Tensor) -> Callable[[torch.
     function must only be called under ``torch.no_grad()`` / ``torch.inference_mode()``: freezing
     treats the weights as constants.
     """
-    import torch._inductor.config as inductor_config
-
     if not isinstance(model, torch.fx.GraphModule):  # PT2E graphs refuse .eval(); they are inference graphs
         model = model.eval()
-    compiled = torch.compile(model)
-    # Freezing is read when the graph is compiled, i.e. on the first call: set it for that call only,
-    # so the caller's own torch.compile calls keep their settings.
-    with inductor_config.patch(freezing=True), torch.no_grad():
+    compiled = _FrozenCompiled(torch.compile(model, options=dict(CPU_OPTIONS)))
+    with torch.no_grad():
         compiled(example)
     return compiled

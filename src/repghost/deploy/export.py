@@ -8,7 +8,7 @@ in the target runtime and compared with the eager model; a scale-relative error 
 the tolerance raises :class:`ExportVerificationError` and leaves no output file (the file is
 written next to its destination and renamed only after it passed).
 
-The runtime adapters (:func:`load_runner`) are shared with :mod:`repghost.bench.latency`, so what
+The runtime adapters (:func:`load_runner`) are shared with :mod:`repghost.bench.runners`, so what
 is timed is exactly what was verified; the comparison itself is
 :func:`repghost.deploy.verify.verify_runner`, also used for the benchmark's frozen and compiled
 models. Nothing here changes the process's torch thread count: a TorchScript runner made for N

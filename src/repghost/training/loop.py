@@ -30,7 +30,7 @@ from torch import nn
 
 from ..checkpoint import EVAL_TRANSFORM_KEY, save_checkpoint
 from ..files import atomic_write
-from ..reparam import reparameterize_model
+from ..reparam import deploy_copy
 from .checkpointing import (
     BEST,
     CONFIG,
@@ -219,8 +219,9 @@ class _Run:
     def _finish(self) -> Dict[str, Any]:
         """Fold the best (EMA) model, save it as a deploy checkpoint and check its accuracy.
 
-        A timm baseline (``model: timm:NAME``) is folded with timm's ``reparameterize_model`` (a
-        no-op for GhostNet) and gets no deploy checkpoint; a variant without a deploy form
+        The deploy copy is :func:`repghost.reparam.deploy_copy`'s (for a timm baseline, ``model:
+        timm:NAME``, timm's ``reparameterize_model`` then every conv-BN pair folded); a timm
+        baseline gets no deploy checkpoint; a variant without a deploy form
         (``relu_position: pre``) records ``deploy_form: null`` and the reason.
         """
         best_path = self.run_dir / BEST
@@ -234,16 +235,11 @@ class _Run:
         timm_model = is_timm_model(self.cfg.model)
         deployed: Optional[nn.Module]
         reason: Optional[str] = None
-        if timm_model:
-            from timm.utils.model import reparameterize_model as timm_reparameterize
-
-            deployed = timm_reparameterize(model, inplace=False)
-        else:
-            try:
-                deployed = reparameterize_model(model, inplace=False)
-            except ValueError as exc:  # e.g. relu_position="pre": a ReLU between the branches and the sum
-                deployed, reason = None, f"no deploy form: {exc}"
-                log.info("%s; the train form is the final model", reason)
+        try:
+            deployed = deploy_copy(model).model
+        except ValueError as exc:  # e.g. relu_position="pre": a ReLU between the branches and the sum
+            deployed, reason = None, f"no deploy form: {exc}"
+            log.info("%s; the train form is the final model", reason)
         kw = dict(device=self.ctx.device, amp_dtype=None, channels_last=self.cfg.channels_last)
         train_form = evaluate(model, self.data.val_loader, **kw)
         deploy_form = evaluate(deployed, self.data.val_loader, **kw) if deployed is not None else None
@@ -260,7 +256,7 @@ class _Run:
             final["deploy_form_reason"] = reason
         elif timm_model:
             final["deploy_note"] = (
-                "timm model: deploy form is timm's reparameterize_model (a no-op for GhostNet); no deploy checkpoint written"
+                "timm model: deploy form is timm's reparameterize_model then every conv-BN pair folded; no deploy checkpoint written"
             )
         if self.ctx.is_main:
             if save_deploy:
