@@ -6,7 +6,7 @@
 """
 
 from .errors import CheckpointError
-from .files import EVAL_TRANSFORM_KEY, FORMAT_NAME, FORMAT_VERSION, Checkpoint, read_checkpoint, save_checkpoint
+from .files import EVAL_TRANSFORM_KEY, FORMAT_NAME, FORMAT_VERSION, Checkpoint, read_checkpoint, read_weights, save_checkpoint
 from .layouts import VARIANT_OPTIONS, detect_layout, infer_config, parse_model_name, to_repghost_names
 from .load import LoadReport, load_checkpoint, model_from_checkpoint
 
@@ -15,6 +15,7 @@ __all__ = [
     "Checkpoint",
     "LoadReport",
     "read_checkpoint",
+    "read_weights",
     "detect_layout",
     "load_checkpoint",
     "save_checkpoint",
