@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,27 @@ def test_a_resumed_distilled_run_makes_the_same_updates_and_keeps_its_teacher(tm
     with pytest.raises(RunDirError, match="cannot change teacher"):  # nor add one to a run trained alone
         resume_config(str(tmp_path / "alone"), {"epochs": 3, "teacher": str(path)})
     assert math.isfinite(records[-1]["train_loss"])
+
+
+# ---- the study: `repghost ablate --variants repghost,kd --teacher FILE` --------------------------
+def test_the_kd_variant_needs_a_teacher_and_only_it_gets_one():
+    from repghost.ablation.variants import DEFAULT_VARIANTS, VARIANTS, select_variants, variant_overrides
+
+    assert "kd" not in DEFAULT_VARIANTS and "kd" not in [v.name for v in select_variants(None)]
+    with pytest.raises(ValueError, match="kd variant distils from a teacher: give repghost ablate --teacher FILE"):
+        variant_overrides(VARIANTS["kd"], "repghostnet_050", None)
+    assert variant_overrides(VARIANTS["kd"], "repghostnet_050", "t.pth")["teacher"] == "t.pth"
+    assert variant_overrides(VARIANTS["repghost"], "repghostnet_050", "t.pth")["teacher"] is None
+
+
+def test_welch_interval_of_the_gain():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from repghost.ablation import welch_t
+
+    a, b = [90.1, 90.4, 90.3], [89.6, 89.9, 89.5]
+    out = welch_t(a, b)
+    se = math.sqrt(statistics.variance(a) / 3 + statistics.variance(b) / 3)
+    half = scipy_stats.t.ppf(0.975, out["dof"]) * se
+    assert out["ci95"] == pytest.approx([out["difference"] - half, out["difference"] + half])
+    assert out["ci95"][0] > 0  # a clear gain: the interval excludes 0, as p < 0.05 says
+    assert out["p"] < 0.05
