@@ -276,3 +276,39 @@ def test_welch_interval_of_the_gain():
     assert out["ci95"] == pytest.approx([out["difference"] - half, out["difference"] + half])
     assert out["ci95"][0] > 0  # a clear gain: the interval excludes 0, as p < 0.05 says
     assert out["p"] < 0.05
+
+
+# ---- torchrun ---------------------------------------------------------------------------------
+DDP_SCRIPT = """
+import os, sys, torch
+from repghost.training.config import load_config
+from repghost.training.loop import train
+
+teacher, out = sys.argv[1], sys.argv[2]
+cfg = load_config(None, dict(model="repghostnet_050", data="synthetic", img_size=32, batch_size=8, workers=0,
+                             synthetic_samples=64, epochs=1, max_steps_per_epoch=2, warmup_epochs=0, lr=0.05,
+                             teacher=teacher, distill="hard", output=out))
+result = train(cfg)
+rank = os.environ["RANK"]
+torch.save(result.model.state_dict(), os.path.join(out, f"model{rank}.pt"))
+torch.save(result.ema_model.state_dict(), os.path.join(out, f"ema{rank}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_each_with_its_teacher(tmp_path):
+    from test_distributed import TORCHRUN, _run
+
+    path = teacher_file(tmp_path / "teacher.safetensors")
+    script = tmp_path / "kd_train.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "run"
+    result = _run(TORCHRUN + [str(script), str(path), str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("model", "ema"):
+        a, b = (torch.load(out / f"{name}{r}.pt", weights_only=True) for r in (0, 1))
+        assert all(torch.equal(a[k], b[k]) for k in a)  # DDP kept the ranks' students identical
+    final = json.loads((out / "final.json").read_text())
+    assert final["teacher"]["model"] == "repghostnet_100" and final["teacher"]["distill"] == "hard"
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["train_images"] == 2 * 2 * 8 and 0 < record["teacher_share"] < 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..training.data import DATASETS
 
@@ -40,6 +41,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from .training import parse_set
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    if args.teacher is not None and not os.path.isfile(args.teacher):  # before any run trains
+        raise FileNotFoundError(f"teacher checkpoint not found: {args.teacher} (check --teacher)")
     result = run_sweep(
         args.config, args.output, variants=variants, seeds=args.seeds,
         overrides=dict(parse_set(args.set), teacher=args.teacher, teacher_model=args.teacher_model),
