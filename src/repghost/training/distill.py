@@ -26,6 +26,7 @@ augmented (random-resized-crop, flip, erasing) batch as the student.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, model_from_checkpoint, read_weights
+from ..checkpoint import EVAL_TRANSFORM_KEY, CheckpointError, model_from_checkpoint, read_weights
 from ..models import config as C
 from ..reparam import model_form, reparameterize_model
 
@@ -295,9 +296,7 @@ def load_teacher(cfg: Any, device: torch.device, num_classes: Optional[int]) -> 
                 raise TeacherError(f"teacher_model {name}: give --num-classes, the timm network is built with the run's classes")
             module, metadata = _timm_teacher(path, name[len(TIMM_PREFIX) :], num_classes)
             model_name, layout = name, "timm state dict"
-            raw = metadata.get("eval_transform")
-            import json
-
+            raw = metadata.get(EVAL_TRANSFORM_KEY)
             recorded: Dict[str, Any] = dict(json.loads(raw)) if raw else {}
         else:
             module, model_name, layout, recorded = _repghost_or_recorded(path, name)
