@@ -269,7 +269,7 @@ def run_sweep(
     chosen = select_variants(variants)
     margin = load_verdict_settings(verdicts)["non_inferiority_margin"]
     base = _base_values(config, overrides, data, epochs)
-    run_values = {v.name: load_config(None, dict(base, **variant_overrides(v, base["model"]))).to_dict() for v in chosen}
+    run_values = {v.name: load_config(None, dict(base, **variant_overrides(v, base["model"], base.get("teacher")))).to_dict() for v in chosen}
     out = Path(output_dir)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +300,7 @@ def run_sweep(
         for r in mine:
             r.update(params=size["params"], macs=size["macs"])
         per_variant[v.name] = dict(
-            description=v.description, model=cfg.model, overrides=variant_overrides(v, base["model"]), form=form,
+            description=v.description, model=cfg.model, overrides=variant_overrides(v, base["model"], base.get("teacher")), form=form,
             params=size["params"], macs=size["macs"],
             top1_ema=mean_std([r["top1_ema"] for r in mine if r["top1_ema"] is not None]),
             top1=mean_std([r["top1"] for r in mine if r["top1"] is not None]),

@@ -16,6 +16,7 @@ class Variant:
     description: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     timm_baseline: Optional[str] = None  # "ghostnet": timm:ghostnet_<width of the config's model>
+    distilled: bool = False  # trains with the sweep's teacher (every other variant trains without it)
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -28,9 +29,11 @@ VARIANTS: Dict[str, Variant] = {
         Variant("relu-pre", "ReLU before the sum of the branches (no deploy form)", {"relu_position": "pre"}),
         Variant("no-se", "no squeeze-and-excitation", {"se": False}),
         Variant("ghostnet", "timm's GhostNet at the same width", {}, timm_baseline="ghostnet"),
+        Variant("kd", "RepGhostNet as in the paper, distilled from the --teacher (docs/distillation.md)", {"reparam": "bn"},
+                distilled=True),
     )
 }
-DEFAULT_VARIANTS = tuple(VARIANTS)
+DEFAULT_VARIANTS = tuple(name for name, v in VARIANTS.items() if not v.distilled)  # the paper's ablations
 _PAPER_VARIANT = dict(VARIANT_DEFAULTS)  # every variant states all four options
 
 
@@ -57,6 +60,8 @@ QUESTIONS = (
     Question("RQ4", "RQ4 shortcut", "repghost", "no-shortcut", "the identity shortcut helps"),
     Question("GhostNet", "RepGhostNet vs GhostNet at the same width", "repghost", "ghostnet",
              "RepGhostNet is more accurate than GhostNet at the same width (and faster)"),
+    Question("KD", "knowledge distillation", "kd", "repghost",
+             "distilling from the teacher raises top-1 of the same network (same deploy latency)"),
 )
 
 
@@ -66,21 +71,26 @@ def _width_suffix(model: str) -> str:
     return model[len("repghostnet_") :]
 
 
-def variant_overrides(variant: Variant, base_model: str) -> Dict[str, Any]:
-    """The config overrides that make ``variant`` from a base config of ``base_model``."""
+def variant_overrides(variant: Variant, base_model: str, teacher: Optional[str] = None) -> Dict[str, Any]:
+    """The config overrides that make ``variant`` from a base config of ``base_model``; only the
+    distilled variant (``kd``) keeps the base's ``teacher``, which it needs."""
+    if variant.distilled:
+        if teacher is None:
+            raise ValueError(f"the {variant.name} variant distils from a teacher: give repghost ablate --teacher FILE (or --set teacher=FILE)")
+        return dict(_PAPER_VARIANT, teacher=teacher, **variant.overrides)
     if variant.timm_baseline == "ghostnet":
         import timm
 
         arch = f"ghostnet_{_width_suffix(base_model)}"
         if not timm.is_model(arch):
             raise ValueError(f"timm has no {arch} to pair with {base_model} (timm's GhostNets: {timm.list_models('ghostnet_*')})")
-        return dict(_PAPER_VARIANT, model=f"timm:{arch}")
-    return dict(_PAPER_VARIANT, **variant.overrides)
+        return dict(_PAPER_VARIANT, model=f"timm:{arch}", teacher=None, teacher_model=None)
+    return dict(_PAPER_VARIANT, teacher=None, teacher_model=None, **variant.overrides)
 
 
 def select_variants(names: Optional[Sequence[str]]) -> List[Variant]:
     if names is None:
-        return list(VARIANTS.values())
+        return [VARIANTS[n] for n in DEFAULT_VARIANTS]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
         raise ValueError(f"unknown variant(s) {unknown or '(none given)'}; valid: {', '.join(VARIANTS)}")

@@ -7,7 +7,7 @@
 """
 
 from .errors import CheckpointError
-from .files import EVAL_TRANSFORM_KEY, FORMAT_NAME, FORMAT_VERSION, Checkpoint, read_checkpoint, save_checkpoint
+from .files import EVAL_TRANSFORM_KEY, FORMAT_NAME, FORMAT_VERSION, Checkpoint, read_checkpoint, read_weights, save_checkpoint
 from .layouts import VARIANT_OPTIONS, detect_layout, parse_model_name, to_repghost_names
 from .resolve import infer_config, resolve_config
 from .load import LoadReport, load_checkpoint, model_from_checkpoint
@@ -17,6 +17,7 @@ __all__ = [
     "Checkpoint",
     "LoadReport",
     "read_checkpoint",
+    "read_weights",
     "detect_layout",
     "load_checkpoint",
     "save_checkpoint",

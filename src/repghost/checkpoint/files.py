@@ -30,6 +30,7 @@ from .layouts import LAYOUT_FORMS, StateDict, detect_layout
 __all__ = [
     "Checkpoint",
     "read_checkpoint",
+    "read_weights",
     "save_checkpoint",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -248,6 +249,19 @@ def read_checkpoint(path: PathLike, *, use_ema: bool = True) -> Checkpoint:
     if metadata.get("format") == FORMAT_NAME and f"repghost-{metadata.get('form')}" in LAYOUT_FORMS:
         layout = f"repghost-{metadata['form']}"
     return Checkpoint(str(p), state_dict, layout, source, metadata, _model_names(raw), train_config)
+
+
+def read_weights(path: PathLike, *, use_ema: bool = True) -> Tuple[StateDict, Dict[str, str]]:
+    """The prefix-stripped state dict and metadata of any readable file, whatever network its keys
+    are for (a timm teacher's, say): :func:`read_checkpoint` without the RepGhostNet layout check."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}" if not p.exists() else f"checkpoint path is not a file: {p}")
+    raw, metadata = _read_raw(p)
+    if isinstance(raw, Mapping) and isinstance(raw.get("metadata"), Mapping):
+        metadata = {str(k): str(v) for k, v in raw["metadata"].items()}
+    state_dict, _ = _unwrap(raw, p, use_ema)
+    return _strip_prefixes(state_dict), metadata
 
 
 def _train_config(raw: object) -> Dict[str, object]:

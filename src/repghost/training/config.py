@@ -85,6 +85,12 @@ class TrainConfig:
     smoothing: float = 0.1
     clip_grad: Optional[float] = None
     drop_last: bool = True
+    # knowledge distillation (training/distill.py); off while teacher is null
+    teacher: Optional[str] = None  # the teacher's checkpoint, any layout the project reads
+    teacher_model: Optional[str] = None  # its network, for files that record none: repghostnet_* or timm:NAME
+    distill: str = "soft"  # soft: KL to the teacher's softened logits; hard: CE on its argmax (DeiT)
+    distill_weight: float = 0.5  # A in (1 - A) * CE + A * distillation term
+    distill_temperature: float = 1.0  # T of the soft term (scaled by T^2)
     # EMA
     ema: bool = True
     ema_decay: float = 0.9999
@@ -241,6 +247,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
         _check_auto_augment(cfg.auto_augment)
     if cfg.compile:
         _check_compile_backend(cfg.compile_backend)
+    from .distill import check_distill_fields
+
+    check_distill_fields(cfg)
 
 
 TIMM_PREFIX = "timm:"

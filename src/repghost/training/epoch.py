@@ -49,15 +49,20 @@ def train_step(
     amp_dtype: Optional[torch.dtype] = None,
     clip_grad: Optional[float] = None,
     world_size: int = 1,
+    teacher: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Optional[float]:
     """One optimization step; returns the loss, or ``None`` (and no update) if it is not finite.
 
     ``forward`` is what runs the batch (the model, its DDP wrapper or a compiled one); ``model`` is
     the plain module whose parameters are clipped. The finiteness check agrees across ranks.
+    With a ``teacher`` (:class:`~repghost.training.distill.Teacher`), ``criterion`` is a
+    :class:`~repghost.training.distill.DistillationLoss` and also gets the teacher's logits on the
+    same batch (computed without gradients, under the same autocast).
     """
     autocast = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     with autocast:
-        loss = criterion(forward(images), targets)
+        logits = forward(images)
+        loss = criterion(logits, targets) if teacher is None else criterion(logits, targets, teacher(images))
     finite = torch.isfinite(loss.detach()).to(torch.float64).reshape(1)
     if float(all_reduce_sum(finite)) < world_size:
         return None
@@ -85,6 +90,7 @@ def train_epoch(
     skip: int,
     save_mid_epoch: Callable[[int], None],
     last_good: str,
+    teacher: Optional[Any] = None,
 ) -> Dict[str, Any]:
     """Train one epoch (from batch ``skip`` on) and return its record, summed over ranks.
 
@@ -103,6 +109,8 @@ def train_epoch(
     # loss * n, images trained on, unreadable images, images in skipped batches, steps
     sums = torch.zeros(5, dtype=torch.float64)
     started = time.perf_counter()
+    if teacher is not None:
+        teacher.take_seconds()  # count this epoch's teacher time only
     trained_steps = 0
     for i, (images, targets, unreadable) in enumerate(loader):
         if i >= steps:
@@ -125,7 +133,7 @@ def train_epoch(
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = targets.to(ctx.device, non_blocking=True)
-        loss = _step(cfg, ctx, model, forward, opt, position, images, targets, epoch, batch_no, last_good)
+        loss = _step(cfg, ctx, model, forward, opt, position, images, targets, epoch, batch_no, last_good, teacher)
         trained_steps += 1
         sums[0] += loss * targets.numel()
         sums[1] += targets.numel()
@@ -158,7 +166,7 @@ def train_epoch(
         )
     if unreadable_total and ctx.is_main:  # the total is every rank's: said once
         log.warning("epoch %d: skipped %d unreadable images", epoch + 1, unreadable_total)
-    return {
+    record = {
         "epoch": epoch,
         "lr": lr,
         "train_loss": float(totals[0] / max(totals[1], 1)),
@@ -167,6 +175,10 @@ def train_epoch(
         "epoch_seconds": seconds,
         "skipped_images": unreadable_total,
     }
+    if teacher is not None:  # this rank's teacher forwards (the ranks step together)
+        teacher_seconds = teacher.take_seconds()
+        record.update(teacher_seconds=teacher_seconds, teacher_share=teacher_seconds / max(seconds, 1e-9))
+    return record
 
 
 def _step(
@@ -181,11 +193,12 @@ def _step(
     epoch: int,
     batch_no: int,
     last_good: str,
+    teacher: Optional[Any] = None,
 ) -> float:
     loss = train_step(
         forward, model, images, targets,
         optimizer=opt.optimizer, criterion=opt.criterion, scaler=opt.scaler,
-        amp_dtype=opt.amp_dtype, clip_grad=cfg.clip_grad, world_size=ctx.world_size,
+        amp_dtype=opt.amp_dtype, clip_grad=cfg.clip_grad, world_size=ctx.world_size, teacher=teacher,
     )
     if loss is None:
         raise NonFiniteLossError(

@@ -149,6 +149,8 @@ def summary_line(record: Dict[str, Any], epochs: int, epochs_left: int, seconds:
         f"train loss {record['train_loss']:.4f}",
         f"{record['train_images_per_s']:.0f} img/s",
     ]
+    if "teacher_share" in record:
+        parts.append(f"teacher {100 * record['teacher_share']:.0f}% of the time")
     if "val_top1" in record:
         parts.append(f"val top-1 {record['val_top1']:.2f}")
     if "ema_top1" in record:

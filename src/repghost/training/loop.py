@@ -50,6 +50,7 @@ from .checkpointing import (
     tidy_run_dir,
 )
 from .config import TrainConfig, is_timm_model, save_config
+from .distill import TEACHER_RECORD_KEY, Teacher, distillation_criterion, teacher_for_run
 from .distributed import DistContext, barrier, init_distributed, shutdown
 from .epoch import NonFiniteLossError, NoTrainingStepError, Position, evaluate_epoch, train_epoch, train_step
 from .evaluate import evaluate
@@ -115,9 +116,10 @@ def train(
     check_environment(cfg, resume=resume)
     ctx = init_distributed(cfg.device)
     try:
+        teacher = teacher_for_run(cfg, ctx.device, resume=resume)  # a teacher that does not fit stops here, before the run dir
         run_dir = prepare_run_dir(cfg, resume, ctx)
         with RunLog(run_dir, ctx, epochs=cfg.epochs, tensorboard=cfg.tensorboard, callbacks=callbacks) as runlog:
-            return _Run(cfg, ctx, run_dir, runlog, resume).fit()
+            return _Run(cfg, ctx, run_dir, runlog, resume, teacher).fit()
     finally:
         shutdown()
 
@@ -125,8 +127,10 @@ def train(
 class _Run:
     """One run: set up (and resumed), its epochs, then the deploy model."""
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, run_dir: Path, runlog: RunLog, resume: bool) -> None:
-        self.cfg, self.ctx, self.run_dir, self.log = cfg, ctx, run_dir, runlog
+    def __init__(
+        self, cfg: TrainConfig, ctx: DistContext, run_dir: Path, runlog: RunLog, resume: bool, teacher: Optional[Teacher] = None
+    ) -> None:
+        self.cfg, self.ctx, self.run_dir, self.log, self.teacher = cfg, ctx, run_dir, runlog, teacher
         # A resume that cannot go as asked (finished, other model or data) is refused before any work.
         self.resume: Optional[ResumePoint] = read_resume_point(run_dir, cfg) if resume else None
 
@@ -135,6 +139,8 @@ class _Run:
         self.data = build_data(cfg, ctx)
         self.model = build_training_model(cfg, ctx, self.data.spec, resume=resume)
         self.opt = build_optimization(cfg, ctx, self.model)
+        if teacher is not None:  # the usual loss becomes the (1 - A) part of the distillation loss
+            self.opt.criterion = distillation_criterion(cfg, self.opt.criterion, teacher)
         self.forward = wrap_model(cfg, ctx, self.model)
 
         self.position = Position()
@@ -149,6 +155,8 @@ class _Run:
                 tidy_run_dir(run_dir, self.start_epoch)
         if ctx.is_main:  # a resume's overrides (e.g. --epochs) are kept for the next resume
             extra = {"lr_resolved": self.opt.lr, "warmup_epochs_resolved": self.opt.warmup_epochs, "world_size": ctx.world_size}
+            if teacher is not None:
+                extra[TEACHER_RECORD_KEY] = teacher.record
             save_config(cfg, run_dir / CONFIG, extra=extra)
         log.info(
             "%s on %s: %d train / %d val images, %d classes, world size %d, lr %.4g, run dir %s",
@@ -212,7 +220,7 @@ class _Run:
 
         return train_epoch(
             cfg, ctx, self.data, self.model, self.forward, self.opt, self.position, self.log,
-            epoch=epoch, skip=skip, save_mid_epoch=save_mid_epoch, last_good=str(self.run_dir / LAST),
+            epoch=epoch, skip=skip, save_mid_epoch=save_mid_epoch, last_good=str(self.run_dir / LAST), teacher=self.teacher,
         )
 
     # ---- the end -------------------------------------------------------------------------------
@@ -252,6 +260,8 @@ class _Run:
             "top1_difference": deploy_form["top1"] - train_form["top1"] if deploy_form is not None else None,
             "deploy_checkpoint": str(self.run_dir / DEPLOY) if save_deploy else None,
         }
+        if self.teacher is not None:
+            final["teacher"] = self.teacher.record
         if reason is not None:
             final["deploy_form_reason"] = reason
         elif timm_model:
