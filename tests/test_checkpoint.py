@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import os
 
@@ -296,36 +297,23 @@ def test_nonfinite_weights_fail_conversion(tmp_path, timm_model):
 
 
 # ---- package layout ---------------------------------------------------------------------------
-CHECKPOINT_PACKAGE = os.path.join(os.path.dirname(repghost.__file__), "checkpoint")
+@pytest.mark.parametrize("form", ["train", "deploy"])
+def test_the_width_search_finds_every_width_and_the_hint_names_it(form):
+    """match_width (used by config resolution and the width hint) recognises each registered width
+    from its tensors alone, and a file of another width gets a hint naming the right model."""
+    from repghost.checkpoint.resolve import match_width, width_hint
+    from repghost.models.config import WIDTHS
+    from repghost.models.repghostnet import RepGhostConfig
 
-
-def _imports(path):
-    import ast
-
-    tree = ast.parse(open(path).read())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            found.add("." * node.level + (node.module or ""))
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-    return found
-
-
-def test_checkpoint_package_depends_only_downwards():
-    """checkpoint/ may use models/, reparam and files, never create or the CLI (no import cycles)."""
-    modules = sorted(f for f in os.listdir(CHECKPOINT_PACKAGE) if f.endswith(".py"))
-    assert {"__init__.py", "layouts.py", "files.py", "load.py"} <= set(modules)
-    for name in modules:
-        imports = _imports(os.path.join(CHECKPOINT_PACKAGE, name))
-        bad = {i for i in imports if i.lstrip(".").split(".")[0] in ("create", "cli") or "repghost.create" in i or "repghost.cli" in i}
-        assert not bad, f"{name} imports {bad}"
-
-
-def test_one_width_search():
-    """Config inference and the width hint share one loop over the registered widths."""
-    sources = [open(os.path.join(CHECKPOINT_PACKAGE, f)).read() for f in os.listdir(CHECKPOINT_PACKAGE) if f.endswith(".py")]
-    assert sum(s.count("WIDTHS.items()") for s in sources) == 1
+    base = RepGhostConfig()
+    for name, width in WIDTHS.items():
+        with torch.device("meta"):
+            model = repghost.create_model(name, deploy=form == "deploy")
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert match_width(shapes, base, form) == name
+        other = next(w for n, w in WIDTHS.items() if n != name)
+        hint = width_hint(model.state_dict(), form, dataclasses.replace(base, width=other))
+        assert f"fit {name} (width {width})" in hint
 
 
 def test_public_names_still_import():
