@@ -45,9 +45,13 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=None, help="variants (default: all)")
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--runtimes", nargs="+", default=["eager", "onnxruntime"])
+    p.add_argument("--num-classes", type=int, default=10,
+                   help="classifier outputs when the config leaves them to the dataset (default 10: Fashion-MNIST)")
     p.add_argument("--out", default=None, help="write the record here (JSON)")
     args = p.parse_args()
     base = load_config(args.config).to_dict()
+    if base["num_classes"] is None:  # the trainer takes it from the dataset; no data is read here
+        base["num_classes"] = args.num_classes
     models, rows = {}, {}
     for v in select_variants(args.variants):
         cfg = load_config(None, dict(base, **variant_overrides(v, base["model"])))

@@ -9,8 +9,9 @@ uses); freezing + cpp_wrapper (no Python between kernels); freezing on an NCHW m
 1x1 convolutions as matrix products; freezing + max-autotune; the X86 inductor int8 quantizer
 (PT2E) compiled with freezing. Behind docs/quantization.md, "The fastest PyTorch path".
 
-Each variant's settings are given to its own ``torch.compile(..., options=...)``, so they are in
-force whenever it compiles (never patched around a first call, never reset between variants); the
+Each variant's settings are given to its own ``torch.compile(..., options=...)`` (through
+``repghost.deploy.compiled.compile_for_cpu(..., options=...)``, which also lets dynamo see
+freezing while tracing), so they are in force whenever it compiles (never patched around a first call, never reset between variants); the
 JSON records the inductor settings each compilation actually ran with (``compiled_with``), and
 the timing raises if anything compiles during the timed rounds.
 """
@@ -31,7 +32,7 @@ from repghost.bench.models import build_benchmark_model, parse_model
 from repghost.bench.report import environment
 from repghost.bench.runners import prepare_runner
 from repghost.bench.timing import paired_ratio, ratio_iqr, time_interleaved
-from repghost.deploy.compiled import CPU_OPTIONS
+from repghost.deploy.compiled import CPU_OPTIONS, compile_for_cpu
 from repghost.deploy.quantize import quantize_for_inductor
 
 # name: (inductor options, NCHW copy?, int8?)
@@ -129,7 +130,7 @@ def main() -> int:
                 from torch._inductor import list_mode_options
 
                 options = dict(list_mode_options(options), **FROZEN)
-            fn = torch.compile(module, options=dict(options))
+            fn = compile_for_cpu(module, x, options=options)  # its settings in force at every compilation
             out = fn(x)
             if len(log) == first:
                 raise RuntimeError(f"{name}: nothing was compiled; its settings cannot be checked")

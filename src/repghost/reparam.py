@@ -303,16 +303,15 @@ def deploy_copy(model: nn.Module, *, partial: bool = False, backbone: Optional[s
     if ours:
         try:
             return DeployCopy(reparameterize_model(model, inplace=False).eval(), DEPLOY_FORM)
-        except ValueError as exc:
+        except ValueError:
             if not partial:
                 raise
-            reason = str(exc)
         deployed = copy.deepcopy(model)
         norms = [m for m in deployed.modules() if isinstance(m, Reparameterizable) and m.reparam_part == "norm"]
         with torch.no_grad():
             for module in norms:
                 module.reparameterize()
-        return DeployCopy(deployed.eval(), f"{PARTIAL_FORM} ({reason})")
+        return DeployCopy(deployed.eval(), PARTIAL_FORM)
     from timm.utils.model import reparameterize_model as timm_reparameterize
 
     return DeployCopy(fold_conv_bn(timm_reparameterize(model, inplace=False), inplace=True).eval(), OTHER_FORM)

@@ -21,7 +21,7 @@ clears them); the caller's other ``torch.compile`` calls keep their settings.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -66,18 +66,25 @@ class _FrozenCompiled:
             self._calling = False
 
 
-def compile_for_cpu(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def compile_for_cpu(
+    model: nn.Module, example: torch.Tensor, *, options: Optional[Dict[str, object]] = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.compile`` ``model`` (eval mode, no grad) for CPU inference with inductor's weight
     freezing, compiled now on ``example`` (one call), and return the compiled callable.
 
     ``model`` is the deployed form (``reparameterize_model``), channels_last as this project builds
     it, or the int8 graph of :func:`repghost.deploy.quantize.quantize_for_inductor`. The compiled
     function must only be called under ``torch.no_grad()`` / ``torch.inference_mode()``: freezing
-    treats the weights as constants.
+    treats the weights as constants. ``options``: other inductor settings instead of
+    :data:`CPU_OPTIONS` (``benchmarks/pytorch_paths.py`` compares them); with ``freezing`` among
+    them, every compilation the callable triggers runs with it, dynamo's tracing included.
     """
     if not isinstance(model, torch.fx.GraphModule):  # PT2E graphs refuse .eval(); they are inference graphs
         model = model.eval()
-    compiled = _FrozenCompiled(torch.compile(model, options=dict(CPU_OPTIONS)))
+    settings = dict(CPU_OPTIONS if options is None else options)
+    compiled: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model, options=settings)
+    if settings.get("freezing"):
+        compiled = _FrozenCompiled(compiled)
     with torch.no_grad():
         compiled(example)
     return compiled
