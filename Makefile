@@ -1,11 +1,12 @@
 # make demo  -- set up a virtual environment and run the main job (train, fold, export, benchmark)
-# make test  -- set up the same environment and run the test suite
+# make test  -- set up the same environment and run the test suite (every tier: what CI runs)
+# make test-fast -- the quick loop while developing: the tests not marked slow or network
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo info bench clean
+.PHONY: setup test test-fast demo info bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +19,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not network"
 
 demo: setup
 	$(VENV)/bin/repghost demo

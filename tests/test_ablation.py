@@ -114,6 +114,7 @@ def test_verdicts_superiority_and_non_inferiority():
     assert load_verdict_settings(shipped) == {"non_inferiority_margin": 0.5}
 
 
+@pytest.mark.slow
 def test_trainer_variant_fields_and_relu_pre_finishes_without_deploy_form(tmp_path):
     with pytest.raises(ValueError, match="reparam"):
         load_config(None, dict(TINY, reparam="bogus"))
@@ -133,6 +134,7 @@ def test_trainer_variant_fields_and_relu_pre_finishes_without_deploy_form(tmp_pa
         resume_config(str(tmp_path / "pre"), {"relu_position": "post"})
 
 
+@pytest.mark.slow
 def test_trainer_trains_a_timm_ghostnet(tmp_path):
     with pytest.raises(ValueError, match="timm has no model"):
         load_config(None, dict(TINY, model="timm:no_such_net"))
@@ -151,6 +153,7 @@ def _mtimes(run_dir):
     return {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
 
 
+@pytest.mark.slow
 def test_sweep_writes_every_run_and_resumes_a_killed_one(tmp_path):
     out = tmp_path / "sweep"
     lines = []
@@ -217,6 +220,7 @@ def test_sweep_writes_every_run_and_resumes_a_killed_one(tmp_path):
     assert (out / "ablation.json").read_text() == report_text
 
 
+@pytest.mark.slow
 def test_cli_ablate_relu_pre_on_synthetic(tmp_path, capsys):
     config = tmp_path / "base.yaml"
     config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in dict(TINY, data="fashion_mnist", data_root="/nowhere").items()))
@@ -247,6 +251,7 @@ def _structure(model):
     )
 
 
+@pytest.mark.slow
 def test_every_variant_trains_its_own_network_and_relu_pre_is_timed_folded(tmp_path):
     variants = ["repghost", "identity", "no-shortcut", "relu-pre", "no-se"]
     run_sweep(dict(TINY, max_steps_per_epoch=1), tmp_path / "s", variants=variants, seeds=1, latency_rounds=0)
@@ -270,6 +275,7 @@ def test_every_variant_trains_its_own_network_and_relu_pre_is_timed_folded(tmp_p
     assert "cannot merge" in form
 
 
+@pytest.mark.slow
 def test_sweep_latency_and_ghostnet_pairing(tmp_path):
     result = run_sweep(dict(TINY, max_steps_per_epoch=1), tmp_path / "s", variants=["repghost", "ghostnet"], seeds=1,
                        latency_rounds=3)

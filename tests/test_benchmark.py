@@ -148,6 +148,7 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
             paired_ratio(*bad)
 
 
+@pytest.mark.slow
 def test_tiny_run_structure(tiny_result):
     assert len(tiny_result.measurements) == len(MODELS) * len(TINY_RUNTIMES)
     assert tiny_result.reference == "repghostnet_050"
@@ -171,6 +172,7 @@ def test_tiny_run_structure(tiny_result):
     assert {"torch", "onnxruntime", "MNN", "timm"} <= set(env["versions"])
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_json_markdown_png(tiny_result, tmp_path):
     paths = write_results(tiny_result, tmp_path)
     data = json.loads(paths["json"].read_text())
@@ -223,6 +225,7 @@ def test_prepared_runners_time_with_their_threads_and_leave_the_callers(tmp_path
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_executorch_runtime():
     result = run_benchmark(["repghostnet_050"], ["executorch"], input_size=SIZE, rounds=2, warmup=1)
     assert result.get("repghostnet_050", "executorch").max_rel_error <= 1e-4
@@ -261,6 +264,7 @@ def test_module_shapes_cover_every_repghost_module():
     assert (8, 32, 32) in {(s.channels, s.height, s.width) for s in shapes}  # block 0's 8-channel module
 
 
+@pytest.mark.slow
 def test_rq1_tiny_run_has_rows_for_each_runtime():
     runtimes = ("eager", "onnxruntime", "mnn")
     result = run_rq1(shapes=[ModuleShape(8, 16, 16, 2)], runtimes=runtimes, rounds=2, warmup=1, inner=1)
@@ -297,6 +301,7 @@ def _cli(argv):
     return args.run(args)
 
 
+@pytest.mark.slow
 def test_cli_bench(tmp_path, capsys):
     argv = ["bench", "--models", *MODELS, "--runtimes", "eager", "onnxruntime", "--rounds", "2", "--warmup", "0"]
     results = tmp_path / "results" / "today"  # created for the results
@@ -310,6 +315,7 @@ def test_cli_bench(tmp_path, capsys):
     assert (tmp_path / "a_file").read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_cli_rq1(tmp_path, capsys):
     argv = ["bench", "--rq1", "--rq1-model", "repghostnet_050", "--runtimes", "eager", "--img-size", "32"]
     assert _cli(argv + ["--rounds", "1", "--warmup", "0", "--out", str(tmp_path / "rq1")]) == 0
@@ -341,6 +347,7 @@ def test_cli_bench_without_matplotlib_fails_before_timing(tmp_path, monkeypatch,
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_int8_keys_time_beside_fp32_where_a_runtime_has_an_int8_path():
     models = ["repghostnet_050", "repghostnet_050:int8"]
     pair = ("repghostnet_050:int8@mnn", "repghostnet_050@onnxruntime")
@@ -403,6 +410,7 @@ class _InductorSpy:
         monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
 
 
+@pytest.mark.slow
 def test_compile_for_cpu_freezes_and_keeps_freezing_through_a_dynamo_reset(monkeypatch):
     spy = _InductorSpy(monkeypatch)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
@@ -416,6 +424,7 @@ def test_compile_for_cpu_freezes_and_keeps_freezing_through_a_dynamo_reset(monke
         assert torch.allclose(out, model(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_runtime_freezes_in_the_timed_phase_beside_executorch_and_times_int8(monkeypatch):
     """The case that lost freezing: ExecuTorch's export resets dynamo after the compiled models were
     prepared, so they recompile in the compile phase's warm-up; every compilation must be frozen."""
@@ -429,6 +438,7 @@ def test_compile_runtime_freezes_in_the_timed_phase_beside_executorch_and_times_
     assert 0 < result.get("repghostnet_050:int8", "compile").max_rel_error <= INT8_TOLERANCE
 
 
+@pytest.mark.slow
 def test_a_compilation_during_the_timed_rounds_raises():
     fn = torch.compile(lambda t: t + 1, backend="eager")
     x = torch.zeros(3)

@@ -308,6 +308,7 @@ def test_a_resumed_run_makes_the_same_updates(tmp_path, synth):
         train_detector(_tiny_config(synth, tmp_path / "split", epochs=3, backbone="repghostnet_100", workers=2), resume=True)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, synth):
     from repghost.training.epoch import NonFiniteLossError
 
@@ -315,6 +316,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
         train_detector(_tiny_config(synth, tmp_path / "nan", epochs=1, lr=1e30, clip_grad=None, warmup_epochs=0.0, max_steps_per_epoch=3))
 
 
+@pytest.mark.slow
 def test_an_epoch_of_unreadable_training_images_is_a_clear_error(tmp_path, synth):
     import shutil
 
@@ -405,6 +407,7 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     assert [r["bbox_AP50"] for r in again["runs"]] == [r["bbox_AP50"] for r in report["runs"]]
 
 
+@pytest.mark.slow
 def test_the_whole_retinanet_exports_as_one_onnx_graph(tmp_path):
     pytest.importorskip("onnxruntime")
     from repghost.detection.export import FullGraphMismatch, _match_detections, export_full_onnx
@@ -538,6 +541,7 @@ def test_training_and_evaluation_share_one_geometry(synth):
     torch.testing.assert_close(ta["boxes"][:, [2, 0]], b.shape[-1] - tb["boxes"][:, [0, 2]])
 
 
+@pytest.mark.slow
 def test_a_warmup_longer_than_the_run_is_cut_and_said(synth, tmp_path, caplog):
     """`detect train --epochs 1` with the default warm-up must train, as `repghost train` does."""
     import logging
@@ -555,6 +559,7 @@ def test_a_warmup_longer_than_the_run_is_cut_and_said(synth, tmp_path, caplog):
         _tiny_config(synth, tmp_path, warmup_epochs=-1.0)
 
 
+@pytest.mark.slow
 def test_the_detection_cap_is_a_field_scored_by_cocoeval_and_warned_about(synth, tmp_path, caplog):
     import logging
 
@@ -634,6 +639,7 @@ def test_export_folds_comparison_backbones(tmp_path, backbone):
     assert any(isinstance(m, _BatchNorm) for m in det.backbone.body.modules())  # the detector given is left as it was
 
 
+@pytest.mark.slow
 def test_pretrained_backbones_default_to_torchvisions_practice(synth, tmp_path):
     scratch = _tiny_config(synth, tmp_path)
     assert (scratch.trainable_stages, scratch.frozen_bn) == (5, False)

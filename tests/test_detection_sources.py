@@ -20,9 +20,10 @@ from repghost.detection.sources import common
 from repghost.detection.sources import deepforest as deepforest_source
 from repghost.detection.sources import DownloadError, fetch, fetch_deepforest, fetch_quokka
 
+# The sets come from PyPI archives (pip download on the first fetch): the `network` tier. And
 # pycocotools' mask decoding (annToMask) trips a NumPy 2 deprecation inside pycocotools itself.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+pytestmark = [pytest.mark.network, pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")]
 
 # Found in the deepforest==2.1.0 wheel (deepforest/data/*.xml): 574 + 279 boxes on two YELL crops
 # (2299x2472 and 1249x1035), 61 on OSBS_029 and 37 on SOAP_061 (400x400 each).

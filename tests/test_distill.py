@@ -175,6 +175,7 @@ def test_a_timm_teacher_from_a_file_that_records_no_config(tmp_path):
         load_teacher(cfg, torch.device("cpu"), 7)
 
 
+@pytest.mark.slow
 def test_a_bad_teacher_is_one_line_and_leaves_no_run_folder(tmp_path, capsys):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
@@ -217,6 +218,7 @@ class _Interrupt:
         raise _StopAfterFirstEpoch()
 
 
+@pytest.mark.slow
 def test_a_resumed_distilled_run_makes_the_same_updates_and_keeps_its_teacher(tmp_path):
     path = teacher_file(tmp_path / "teacher.safetensors")
     kd = dict(teacher=str(path), distill_temperature=2.0, distill_weight=0.7)

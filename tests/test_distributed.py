@@ -77,6 +77,7 @@ torch.save(result.ema_model.state_dict(), os.path.join(out, f"ema{rank}.pt"))
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_identical_weights_and_exact_mid_epoch_resume(tmp_path):
     """Every rank's RNG state is saved and rank r gets its own back: resumed mid-epoch == uninterrupted."""
     script = tmp_path / "ddp_train.py"
@@ -108,6 +109,7 @@ def test_two_ranks_identical_weights_and_exact_mid_epoch_resume(tmp_path):
             assert all(torch.equal(a[k], b[k]) for k in a), (kind, rank)
 
 
+@pytest.mark.slow
 def test_torchrun_cli_on_cpu(tmp_path):
     out = tmp_path / "cli"
     proc = _run(TORCHRUN + ["-m", "repghost", "train", *TRAIN_ARGS, "--epochs", "1", "--output", str(out)], tmp_path)
@@ -134,6 +136,7 @@ def test_sync_bn_is_refused_on_cpu_ranks():
         build_training_model(cfg, rank, DatasetSpec(10, tuple("abcdefghij")), resume=False)
 
 
+@pytest.mark.slow
 def test_a_batch_unreadable_on_one_rank_is_skipped_by_every_rank(tmp_path):
     """Rank 1's first batch is all corrupt files, rank 0's is fine: both skip it, nobody waits forever."""
     from torch.utils.data import DistributedSampler
@@ -182,6 +185,7 @@ shutdown()
 """
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_of_an_uneven_set_equals_one_process(tmp_path):
     """501 images on 2 ranks: no padding (a DistributedSampler would count 502), same metrics as 1 process."""
     from torch.utils.data import DataLoader

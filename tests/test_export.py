@@ -69,12 +69,6 @@ def test_export_leaves_a_training_model_as_it_was(tmp_path):
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_executorch_export(model, tmp_path):
-    out = tmp_path / "model.pte"
-    report = export_model(model, out, "executorch", input_size=SIZE)
-    assert report.max_rel <= 1e-4 and out.is_file()
-
-
 def test_onnx_graph_is_plain(model, tmp_path):
     out = tmp_path / "model.onnx"
     export_model(model, out, "onnx", input_size=SIZE)
@@ -168,6 +162,7 @@ def test_missing_runtime_says_what_to_install(fmt, module, hint, model, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_export_from_authors_checkpoint_matches_timm(tmp_path):
     """The authors' layout (timm's port): the ONNX file computes what timm's model computes."""
     import timm

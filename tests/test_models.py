@@ -160,12 +160,6 @@ def test_gradients_reach_every_trainable_parameter():
     assert missing == []
 
 
-@pytest.mark.parametrize("ablation", [dict(), dict(reparam="identity"), dict(reparam="none"), dict(identity_shortcut=False), dict(se=False), dict(relu_position="pre")])
-def test_ablations_build_and_run(ablation):
-    model = repghost.create_model("repghostnet_050", **ablation).eval()
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
-
-
 def test_ablation_structure():
     base = repghost.create_model("repghostnet_050")
     assert count_params(repghost.create_model("repghostnet_050", reparam="none")) < count_params(base)

@@ -88,6 +88,7 @@ def _check_every_conv_is_quantized(path: Path) -> None:
         assert scales.shape == (q.dims[0],) and (scales > 0).all(), conv.name  # one scale per output channel
 
 
+@pytest.mark.slow
 def test_onnx_int8_file_holds_integer_ops_and_agrees(trained, tmp_path, capsys):
     assert _float_classes(trained) >= 3
     out = tmp_path / "int8.onnx"
@@ -120,6 +121,7 @@ def _eval(path: Path, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_executorch_int8_runs_agrees_and_is_scored_by_eval(trained, tmp_path, capsys):
     pytest.importorskip("executorch")
     out = tmp_path / "int8.pte"
@@ -134,6 +136,7 @@ def test_executorch_int8_runs_agrees_and_is_scored_by_eval(trained, tmp_path, ca
     assert result["form"] == "int8" and result["layout"] == "executorch" and result["transform"]["img_size"] == 32
 
 
+@pytest.mark.slow
 def test_mnn_int8_runs_agrees_and_is_scored_by_eval(trained, tmp_path, capsys):
     pytest.importorskip("MNN")
     out = tmp_path / "int8.mnn"
@@ -166,6 +169,7 @@ def _image_folder(folder: Path, names) -> None:
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["flat", "train-only"])
 def test_a_folder_without_a_val_part_is_split_into_disjoint_calibration_and_verification_images(
     trained, tmp_path, capsys, layout
@@ -216,6 +220,7 @@ def test_each_format_defaults_to_its_first_calibration_method():
     assert all(CALIBRATION_METHODS[f][0] == m for f, m in DEFAULT_METHODS.items())  # as --help says
 
 
+@pytest.mark.slow
 def test_a_quantization_that_disagrees_is_refused_and_leaves_no_file(trained, tmp_path):
     import torch
 
@@ -256,6 +261,7 @@ def test_compare_logits():
         compare_logits(ref, ref * np.nan)
 
 
+@pytest.mark.slow
 def test_a_timm_baseline_trained_here_is_quantized_and_scored_by_the_same_commands(tmp_path, capsys):
     """GhostNet/MobileNetV3 runs of `repghost train` (model: timm:NAME) go through `quantize` and
     `eval` like ours: the checkpoint names its timm model, which is rebuilt and loaded strictly."""

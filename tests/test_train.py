@@ -215,6 +215,7 @@ def test_every_train_flag_has_help_and_every_field_a_flag(capsys):
     assert all(flag in text for flag in wanted)
 
 
+@pytest.mark.slow
 def test_cli_flags_reach_the_run_and_progress_is_printed(tmp_path, capsys, caplog):
     """Not on a terminal (here: captured), step lines and epoch summaries go to stdout and train.log."""
     run = tmp_path / "run"
@@ -260,6 +261,7 @@ def test_training_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, cap
 
 
 # ---- training ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_short_synthetic_run_learns_well_above_chance(tmp_path):
     cfg = tiny(tmp_path, epochs=4, batch_size=64, synthetic_samples=2000, lr=0.2, ema_decay=0.98, log_interval=50)
     result = train(cfg)
@@ -292,6 +294,7 @@ class _Interrupt:
         raise _StopAfterFirstEpoch()
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_is_exact(tmp_path):
     torch.set_num_threads(1)
     try:
@@ -308,6 +311,7 @@ def test_resume_at_an_epoch_boundary_is_exact(tmp_path):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_finishes(tmp_path):
     run = tmp_path / "killed"
     args = [
@@ -342,6 +346,7 @@ def test_sigkill_mid_epoch_then_resume_finishes(tmp_path):
     assert (run / "notes.tmp").read_text() == "a user's file"
 
 
+@pytest.mark.slow
 def test_resume_drops_records_of_epochs_the_checkpoint_had_not_finished(tmp_path):
     train(tiny(tmp_path, epochs=1))
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -355,6 +360,7 @@ def test_resume_drops_records_of_epochs_the_checkpoint_had_not_finished(tmp_path
     assert lines[0] == first.strip() and records[1]["train_loss"] != 9.9
 
 
+@pytest.mark.slow
 def test_resume_keeps_its_overrides_and_says_when_the_run_is_finished(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny(tmp_path, epochs=1, max_steps_per_epoch=1))
@@ -413,6 +419,7 @@ def test_run_directory_protection(tmp_path):
         train(tiny(tmp_path, "empty"), resume=True)
 
 
+@pytest.mark.slow
 def test_amp_clip_and_compile_code_paths_on_cpu(tmp_path):
     """The CUDA options' code paths (autocast + GradScaler, clipping, torch.compile) run on CPU."""
     cfg = tiny(tmp_path, epochs=1, amp_cpu=True, clip_grad=1.0, compile=True, compile_backend="aot_eager",
@@ -490,6 +497,7 @@ def test_corrupt_images_are_skipped_during_training(tmp_path, caplog):
 
 
 # ---- evaluation -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_cli_on_every_checkpoint_form(tmp_path, capsys):
     """The eval transform the run used (here: its own mean/std, crop_pct 1) travels with the weights."""
     result = train(tiny(tmp_path, epochs=1, mean=[0.3, 0.3, 0.3], std=[0.2, 0.2, 0.2], crop_pct=1.0))
