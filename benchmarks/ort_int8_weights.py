@@ -5,7 +5,7 @@
     python benchmarks/ort_int8_weights.py --checkpoint RUN/best.pth \
         --data fashion_mnist --data-root /usr/share/datasets/fashion-mnist --out docs/results/int8
 
-* ``int8-7bit`` (this project's default): int8 weights in [-64, 63] (ONNX Runtime's ``reduce_range``);
+* ``int8-7bit`` (this project's default): int8 weights in [-64, 64] (ONNX Runtime's ``reduce_range``);
 * ``int8``: full 8-bit weights; on x86 CPUs without VNNI ONNX Runtime's uint8 x int8 kernels add
   pairs of products in int16 (VPMADDUBSW) and saturate;
 * ``uint8``: uint8 weights (ONNX Runtime's U8U8 kernels, which do not saturate).
@@ -73,7 +73,7 @@ def accuracy(args) -> dict:
                 "top1": float((got.argmax(1) == labels.numpy()).mean() * 100),
                 "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
                 "max_rel_logit_error": float(np.abs(got - ref).max() / (ref.max() - ref.min())),
-                "weight_range": report.weight_range,
+                "weight_range": report.weight_range if scheme != "uint8" else None,  # counts int8 tensors only
             }
             print(f"{scheme:10s} top-1 {rows[scheme]['top1']:.2f}  agreement {rows[scheme]['top1_agreement']:.4f}", flush=True)
     return {"checkpoint_model": type(model).__name__, "images": len(images), "calibration_images": len(calib), "rows": rows}
@@ -132,7 +132,7 @@ def main() -> int:
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--calib-count", type=int, default=256)
     p.add_argument("--models", nargs="+", default=["repghostnet_050", "repghostnet_100"])
-    p.add_argument("--rounds", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=300, help="latency rounds (0: accuracy only)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -145,11 +145,17 @@ def main() -> int:
         "cpu": cpu, "cpu_count": os.cpu_count(),
         "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
     }
-    if args.checkpoint:
-        record["accuracy"] = accuracy(args)
-    record["latency"] = latency(args.models, args.rounds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / f"onnx_weights_{tag}.json"
+    if previous.is_file():  # one part at a time (e.g. accuracy while the machine is busy, latency when quiet)
+        old = json.loads(previous.read_text())
+        record.update({k: old[k] for k in ("accuracy", "latency") if k in old})
+        record["command"] = old.get("command", "") + " ; " + record["command"]
+    if args.checkpoint:
+        record["accuracy"] = accuracy(args)
+    if args.rounds > 0:
+        record["latency"] = latency(args.models, args.rounds)
     (out / f"onnx_weights_{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# ONNX int8 weight schemes on {cpu.get('model', '?')} (AVX2 {cpu.get('avx2')}, AVX-512 {cpu.get('avx512f')}, "
              f"VNNI {cpu.get('vnni')})", "", f"`{record['command']}`, {record['date']}", ""]
@@ -159,11 +165,11 @@ def main() -> int:
                   "| weights | top-1 | agreement with float | max logit error / range | largest int8 weight |", "|---|---|---|---|---|"]
         for k, v in acc["rows"].items():
             lines.append(f"| {k} | {v['top1']:.2f} | {v.get('top1_agreement', 1.0):.4f} | {v.get('max_rel_logit_error', 0):.3f} | "
-                         f"{v.get('weight_range', '-')} |")
+                         f"{v.get('weight_range') if v.get('weight_range') is not None else '-'} |")
         lines.append("")
     lines += ["Latency, 224 px, batch 1, 1 thread, one interleaved phase: median ms (ratio to fp32, median [IQR] of per-round ratios):", "",
               "| model | " + " | ".join(["fp32", *ONNX_WEIGHT_SCHEMES]) + " |", "|---|" + "---|" * (1 + len(ONNX_WEIGHT_SCHEMES))]
-    for name, row in record["latency"]["models"].items():
+    for name, row in record.get("latency", {}).get("models", {}).items():
         cells = [f"{row[k]['median_ms']:.2f} ({row[k]['ratio_to_fp32']:.2f} [{row[k]['ratio_iqr'][0]:.2f}, {row[k]['ratio_iqr'][1]:.2f}])"
                  for k in ["fp32", *ONNX_WEIGHT_SCHEMES]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -306,7 +306,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..reparam import model_form, reparameterize_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from ..deploy.quantize import RunnerModel
+    from ..deploy.scored import RunnerModel
 
     if str(args.checkpoint).lower().endswith(tuple(RunnerModel.FORMATS)):  # an exported or int8 file, run in its runtime
         model = RunnerModel.from_file(args.checkpoint)

@@ -7,7 +7,7 @@ weights, activations calibrated on real images of the user's data.
 * ``onnx``: ONNX Runtime's ``quantize_static`` (QDQ format, int8 weights per channel, uint8
   activations: the pairing ONNX Runtime's x86 integer kernels take), calibration ``minmax``,
   ``entropy`` or ``percentile``. Weights use 7 of their 8 bits (``reduce_range``, values in
-  [-64, 63]): on x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) ONNX Runtime's uint8 x int8
+  [-64, 64]): on x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) ONNX Runtime's uint8 x int8
   kernels add pairs of products in 16-bit registers that saturate (VPMADDUBSW), and a model
   quantized with 8-bit weights then silently loses most of its accuracy there (measured: top-1
   agreement with float 23% instead of 64%). With 7-bit weights a pair is at most 2 x 255 x 64 =
@@ -51,7 +51,6 @@ from .export import INPUT_NAME, _inference_copy, _write_onnx, load_runner, requi
 from .verify import as_numpy_list
 
 __all__ = [
-    "RunnerModel",
     "DEFAULT_METHODS",
     "write_quantized",
     "quantize_for_inductor",
@@ -461,54 +460,3 @@ def quantize_model(
         raise
     log.debug("quantized %s -> %s: %s", fmt, path, report)
     return report
-
-
-class RunnerModel(nn.Module):
-    """An exported file (ONNX, MNN, ExecuTorch) behind the ``nn.Module`` interface, so the evaluation
-    code can score it.
-
-    Runs every image of a batch through the file's runtime (files are exported at batch 1) and
-    returns the logits as a tensor. ``eval_transform`` and ``num_classes`` come from what
-    ``repghost quantize`` stored: the ONNX file's metadata, or the ``FILE.json`` beside an MNN or
-    ExecuTorch file (:func:`sidecar_path`).
-    """
-
-    FORMATS = {".onnx": "onnx", ".mnn": "mnn", ".pte": "executorch"}
-    RUNTIME_NAMES = {"onnx": "onnxruntime", "mnn": "MNN", "executorch": "ExecuTorch"}
-
-    def __init__(self, run: Any, *, num_classes: int, eval_transform: Mapping[str, Any], form: str, fmt: str = "onnx") -> None:
-        super().__init__()
-        self.run = run
-        self.fmt = fmt
-        self.runtime = self.RUNTIME_NAMES[fmt]
-        self.num_classes = num_classes
-        self.eval_transform = dict(eval_transform)
-        self.form = form
-
-    @classmethod
-    def from_file(cls, path: PathLike) -> "RunnerModel":
-        fmt = cls.FORMATS.get(Path(path).suffix.lower())
-        if fmt is None:
-            raise ValueError(f"{path}: not a file a runtime scores here; expected one of {', '.join(cls.FORMATS)}")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"model file not found: {path}")
-        meta = onnx_metadata(path) if fmt == "onnx" else {}
-        side = sidecar_path(path)
-        if "num_classes" not in meta and side.is_file():
-            meta = {k: json.dumps(v) for k, v in json.loads(side.read_text()).items()}
-        if "num_classes" not in meta:
-            raise ValueError(
-                f"{path}: records no class count or eval transform (ONNX metadata, or {side.name} beside the file); "
-                "`repghost eval` scores files written by `repghost quantize` (or evaluate the checkpoint it came from)"
-            )
-        # Only quantize writes MNN/ExecuTorch sidecars, so those files are int8; ONNX ones say so by their ops.
-        form = "int8" if fmt != "onnx" or _integer_ops(str(path)) else "onnx"
-        if fmt == "onnx" and form == "int8":
-            _warn_if_saturates(path)
-        return cls(load_runner(path, fmt), num_classes=int(json.loads(meta["num_classes"])),
-                   eval_transform=json.loads(meta.get("eval_transform", "{}")), form=form, fmt=fmt)
-
-    from_onnx = from_file  # the name this had when only ONNX files were scored
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(_run_all(self.run, x.contiguous()))
