@@ -352,7 +352,9 @@ def test_the_variant_table_is_the_configs_fields():
     assert VARIANT_CHOICES["reparam"] == ("bn", "identity", "none") and VARIANT_CHOICES["se"] == (True, False)
     train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     assert {k: train[k] for k in VARIANT_FIELDS} == VARIANT_DEFAULTS
-    assert variant_overrides(VARIANTS["no-se"], "repghostnet_050") == dict(VARIANT_DEFAULTS, se=False)
+    # a non-distilled variant also clears the base config's teacher (only `kd` trains with one)
+    assert variant_overrides(VARIANTS["no-se"], "repghostnet_050") == dict(
+        VARIANT_DEFAULTS, se=False, teacher=None, teacher_model=None)
     from repghost.cli import build_parser
 
     flags = build_parser()._subparsers._group_actions[0].choices["convert"].format_help()
