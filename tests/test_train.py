@@ -383,6 +383,7 @@ def test_resume_keeps_its_overrides_and_says_when_the_run_is_finished(tmp_path, 
     assert result.epochs_run == 0 and (run / "final.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_refuses_to_change_the_runs_model_or_data(tmp_path):
     run = tmp_path / "run"
     train(tiny(tmp_path, epochs=1, max_steps_per_epoch=1))
@@ -402,6 +403,7 @@ def test_resume_refuses_to_change_the_runs_model_or_data(tmp_path):
     assert not (run / "config.yaml").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train(tiny(tmp_path, epochs=1))
     before = (tmp_path / "run" / "last.pth").read_bytes()
@@ -411,6 +413,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (tmp_path / "run" / "last.pth").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_run_directory_protection(tmp_path):
     train(tiny(tmp_path, epochs=1))
     with pytest.raises(RunDirError, match="already holds a run.*--resume"):
@@ -430,6 +433,7 @@ def test_amp_clip_and_compile_code_paths_on_cpu(tmp_path):
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_num_classes_mismatch_and_pretrained_reset(tmp_path, caplog):
     with pytest.raises(ValueError, match="num_classes=5 but synthetic has 10 classes"):
         train(tiny(tmp_path, "a", num_classes=5))
@@ -462,6 +466,7 @@ def test_an_epoch_without_a_step_is_an_error_not_an_untrained_model(tmp_path):
     assert not left & {"last.pth", "best.pth", "deploy.safetensors", "final.json", "metrics.jsonl"}, left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_run_files_get_the_users_umask(tmp_path, umask, mode):
     old = os.umask(umask)
