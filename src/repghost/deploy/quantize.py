@@ -9,8 +9,8 @@ weights, activations calibrated on real images of the user's data.
   ``entropy`` or ``percentile``. Weights use 7 of their 8 bits (``reduce_range``, values in
   [-64, 64]): on x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) ONNX Runtime's uint8 x int8
   kernels add pairs of products in 16-bit registers that saturate (VPMADDUBSW), and a model
-  quantized with 8-bit weights then silently loses most of its accuracy there (measured: top-1
-  agreement with float 23% instead of 64%). With 7-bit weights a pair is at most 2 x 255 x 64 =
+  quantized with 8-bit weights then silently loses most of its accuracy there (seen on an
+  AVX2-only CPU: this project's int8 test failed that way). With 7-bit weights a pair is at most 2 x 255 x 64 =
   32,640, below the int16 limit, so the file computes the same on every x86 CPU; the cost is one
   bit of weight precision (docs/quantization.md has the measured cost; uint8 weights, the other
   fix ONNX Runtime documents, ran 1.3x slower). The eval transform and class count are stored in
