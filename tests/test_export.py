@@ -18,6 +18,7 @@ from repghost.checkpoint import EVAL_TRANSFORM_KEY
 from repghost.cli import deploy
 from repghost.cli import main as cli_main
 from repghost.deploy import export as export_module
+from repghost.deploy import runtimes as runtimes_module
 from repghost.deploy.export import (
     FORMATS,
     SUFFIXES,
@@ -351,7 +352,7 @@ def test_extras_bring_what_each_format_requires():
 
     distribution = {"_tools": "mnn", "executorch.runtime": "executorch"}  # module -> the package it comes with
     for extra, fmt in (("mnn", "mnn"), ("export", "onnx"), ("executorch", "executorch")):
-        needed = {distribution.get(m, m).lower() for m in export_module._REQUIRES[fmt]}
+        needed = {distribution.get(m, m).lower() for m in runtimes_module._REQUIRES[fmt]}
         assert needed <= names(extra), (extra, needed - names(extra))
     assert "matplotlib" in names("plot")
     assert {"repghost[export,mnn,plot]"} == set(extras["demo"])
