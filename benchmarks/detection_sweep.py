@@ -34,7 +34,9 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
+
+from repghost.cli.training import parse_set  # --set FIELD=VALUE, read as repghost train reads it
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,18 +65,6 @@ def _rel(path: Path, output: Path) -> str:
     return os.path.relpath(path, os.path.abspath(output))
 
 
-def _parse_set(items: List[str]) -> Dict[str, Any]:
-    import yaml
-
-    out: Dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set takes FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def _steps_per_epoch(values: Dict[str, Any]) -> int:
     images = values["synthetic_images"] if values["data"] == "synthetic" else len(json.loads(Path(values["train_ann"]).read_text())["images"])
     per_epoch = max(1, images // int(values.get("batch_size", 4)))
@@ -100,7 +90,7 @@ def _values(args: argparse.Namespace, name: str) -> Dict[str, Any]:
             values[key] = str(data / file)
         values.update(train_images=str(data / "images"), val_images=str(data / "images"))
     values.update(RECIPES[name])
-    overrides = _parse_set(args.set)
+    overrides = parse_set(args.set)
     values.update(overrides)
     if "epochs" not in overrides:
         values["epochs"] = max(1, math.ceil(args.min_steps / _steps_per_epoch(values)))
@@ -182,7 +172,7 @@ def _summary(args: argparse.Namespace, names: List[str]) -> Dict[str, Any]:
         if base.get(key):
             base[key] = _rel(Path(base[key]), out)
     return {"config": _rel(Path(args.config), out), "data": args.data if args.data == "synthetic" else _rel(Path(args.data), out),
-            "min_steps": args.min_steps, "overrides": _parse_set(args.set), "base": base, "runs": rows,
+            "min_steps": args.min_steps, "overrides": parse_set(args.set), "base": base, "runs": rows,
             "note": "synthetic set: a check of the machinery, no recipe evidence" if args.data == "synthetic" else
                     "trained on fit.json, scored on tune.json (held-out training band); the validation scene is not used"}
 

@@ -29,6 +29,7 @@ import tempfile
 from datetime import datetime, timezone
 
 from repghost.cli import main
+from repghost.deploy.quantize import cpu_int8_features
 
 # (format, calibration method, train form): the file kinds of the study.
 CASES = [
@@ -58,11 +59,6 @@ def _run(argv):
     if code != 0:
         raise StepFailed(argv[0], argv, code, err.getvalue())
     return out.getvalue()
-
-
-def _cpu() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
 
 
 def _shown(path: str) -> str:
@@ -114,13 +110,13 @@ def main_study() -> int:
                         f"int8 top-1 {row['int8_top1']:.2f} ({row['change']:+.2f})")
                 print(f"  {fmt:10s} {method:10s} {row['form']:24s} {what}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
-    env = dict(cpu=_cpu(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), python=platform.python_version())
+    env = dict(cpu=cpu_int8_features(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"), python=platform.python_version())
     command = " ".join(["benchmarks/int8_accuracy.py", *(_shown(a) if os.path.exists(a) else a for a in sys.argv[1:])])
     base = os.path.join(args.out, f"accuracy_{args.name}")
     with open(base + ".json", "w") as f:
         json.dump(dict(environment=env, command=command, results=results), f, indent=2)
     count = next((r["count"] for r in results if "count" in r), 0)
-    lines = [f"INT8 top-1 on {args.data} val ({count:.0f} images); {env['cpu']}; {env['date']}.", "",
+    lines = [f"INT8 top-1 on {args.data} val ({count:.0f} images); {env['cpu'].get('model', '?')} (int8 flags {', '.join(k for k, v in env['cpu'].items() if v is True) or 'unknown'}); {env['date']}.", "",
              "| model | file | calibration | form | fp32 top-1 | int8 top-1 | change | top-1 agreement | size MB (float) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:

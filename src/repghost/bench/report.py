@@ -95,23 +95,22 @@ class BenchmarkResult:
         )
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _flags(env: Dict[str, object]) -> str:
+    """" (AVX2, AVX-512, VNNI)": the CPU's int8-relevant flags, as the record holds them (older records: none)."""
+    flags = [name for name, on in dict(env.get("cpu_flags") or {}).items() if on]
+    return f" ({', '.join(flags)})" if flags else ""
 
 
 def environment(threads: int) -> Dict[str, object]:
     """Where and with what a benchmark ran: CPU, versions, threads, date, load."""
     import timm
 
+    from ..deploy.quantize import cpu_int8_features
+
+    cpu = cpu_int8_features()  # the model name and the flags that decide the int8 kernels (empty off Linux)
     env: Dict[str, object] = dict(
-        cpu=_cpu_model(),
+        cpu=cpu.get("model") or platform.processor() or platform.machine(),
+        cpu_flags={k: v for k, v in cpu.items() if k != "model"},
         cpu_count=os.cpu_count(),
         platform=platform.platform(),
         python=sys.version.split()[0],
@@ -135,7 +134,7 @@ def markdown_table(result: BenchmarkResult) -> str:
     shape = "x".join(str(s) for s in result.settings["input_shape"])  # type: ignore[union-attr]
     lines = [
         f"Batch-1 latency, {shape} float32, {env['threads']} thread(s), {result.settings['rounds']} "
-        f"interleaved rounds; {env['cpu']}; {env['date']}.",
+        f"interleaved rounds; {env['cpu']}{_flags(env)}; {env['date']}.",
         f"Median ms [p10-p90]; ratio = median over rounds of latency / latency of {result.reference} "
         "in that round, same runtime [25th-75th percentile of those per-round ratios].",
         "",
