@@ -288,3 +288,40 @@ def test_a_timm_baseline_trained_here_is_quantized_and_scored_by_the_same_comman
     torch.save(state, tmp_path / "wrong.pth")
     with pytest.raises(CheckpointError, match="do not fit timm's mobilenetv3_small_100"):
         model_from_checkpoint(str(tmp_path / "wrong.pth"))
+
+
+def test_an_unknown_onnx_weight_scheme_is_refused_before_any_work(tmp_path):
+    import torch
+
+    import repghost
+
+    model = repghost.create_model("repghostnet_050", num_classes=10)
+    images = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="unknown ONNX weight scheme 'int4'; choose one of int8-7bit, int8, uint8"):
+        quantize_model(model, tmp_path / "m.onnx", "onnx", images, images, onnx_weights="int4")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_an_8bit_int8_file_is_warned_about_only_on_a_cpu_without_vnni(tmp_path, monkeypatch, caplog):
+    """Old or foreign int8 ONNX files with full 8-bit weights saturate on CPUs without VNNI: running one
+    there is warned about; the same file on a VNNI CPU, or a 7-bit file anywhere, is not."""
+    import logging
+
+    import torch
+
+    import repghost
+    from repghost.deploy import quantize as q
+
+    torch.manual_seed(0)
+    model = repghost.create_model("repghostnet_050", num_classes=10)
+    calib = torch.randn(4, 3, 32, 32)
+    eight = q.write_quantized(model, tmp_path / "eight.onnx", "onnx", calib, onnx_weights="int8")
+    seven = q.write_quantized(model, tmp_path / "seven.onnx", "onnx", calib)
+    assert onnx_weight_range(eight) > 64 >= onnx_weight_range(seven)
+    for vnni, path, warned in ((False, eight, True), (True, eight, False), (False, seven, False)):
+        monkeypatch.setattr(q, "cpu_int8_features", lambda vnni=vnni: {"model": "x", "avx2": True, "avx512f": False, "vnni": vnni})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=q.__name__):
+            q._warn_if_saturates(path)
+        assert ("no VNNI" in caplog.text) is warned, (vnni, path.name)
