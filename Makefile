@@ -17,11 +17,15 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The suite runs in pytest-xdist workers, one per core (at most 4; tests/conftest.py gives each its
+# share of the threads), tests handed out as workers free up. TEST_ARGS adds pytest options.
+PARALLEL := -n auto --maxprocesses 4 --dist worksteal
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PARALLEL) $(TEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not network"
+	$(PY) -m pytest -q $(PARALLEL) -m "not slow and not network" $(TEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/repghost demo

@@ -8,8 +8,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-# Keep the suite quiet and reproducible on small CI machines.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Keep the suite quiet and reproducible on small CI machines. `make test` runs the tests in
+# pytest-xdist workers (one per core, at most 4): each worker then takes its share of the cores, so
+# the workers do not fight over them, and the processes the tests launch (torchrun ranks, CLI
+# subprocesses) inherit that share through OMP_NUM_THREADS. Alone, a test gets up to 2 threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(THREADS)
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -27,3 +34,10 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.bias.copy_(torch.randn(n, generator=g) * 0.3)
     return model
 
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """In xdist workers, hand out the `slow` tests first (file order kept otherwise): a long test
+    started near the end would leave the other workers idle while it finishes alone."""
+    if _WORKERS > 1:
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

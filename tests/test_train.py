@@ -296,6 +296,7 @@ class _Interrupt:
 
 @pytest.mark.slow
 def test_resume_at_an_epoch_boundary_is_exact(tmp_path):
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         straight = train(tiny(tmp_path, "straight"))
@@ -304,7 +305,7 @@ def test_resume_at_an_epoch_boundary_is_exact(tmp_path):
         assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 1
         resumed = train(resume_config(str(tmp_path / "split")), resume=True)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(before)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ea, eb = straight.ema_model.state_dict(), resumed.ema_model.state_dict()
