@@ -669,3 +669,21 @@ def test_a_short_synthetic_run_fits_its_images(tmp_path):
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     again = evaluate_detector(deploy, CocoSet(root / "train.json", root / "images"), ctx=ctx)
     assert again["bbox"]["AP50"] == pytest.approx(final["best"]["bbox_AP50"], abs=0.02)
+
+
+def test_the_study_table_gives_each_difference_its_95_percent_interval():
+    """The backbone study's verdicts (issue: 95% intervals of the differences beside the Welch tests)."""
+    from repghost.ablation.detection import detection_table
+    from repghost.ablation.sweep import _verdict
+
+    ours, other = [0.52, 0.55, 0.50], [0.41, 0.47, 0.44]
+    comparison = {"better": "repghostnet_100", "worse": "ghostnet_100", "metric": "last_bbox_AP50", **_verdict(ours, other)}
+    assert comparison["ci_low"] < comparison["difference"] < comparison["ci_high"]
+    stat = {"mean": 0.5, "std": 0.01, "n": 3}
+    backbone = {**{m: stat for m in ("bbox_AP", "bbox_AP50", "bbox_AP75", "last_bbox_AP", "last_bbox_AP50")},
+                "parameters": 1e6, "macs": 1e9, "latency": None}
+    report = {"input_size": [3, 400, 400], "seeds": 3, "backbones": {"repghostnet_100": backbone, "ghostnet_100": backbone},
+              "comparisons": [comparison]}
+    line = [x for x in detection_table(report).splitlines() if x.startswith("- repghostnet_100 vs ghostnet_100")][0]
+    assert f"(95% interval {comparison['ci_low']:+.3f} to {comparison['ci_high']:+.3f})" in line
+    assert f"difference {comparison['difference']:+.3f}" in line and comparison["verdict"] in line

@@ -175,6 +175,9 @@ def detection_table(report: Mapping[str, Any]) -> str:
         lines.append(
             f"- {c['better']} vs {c['worse']}, {what}: difference {diff:+.3f}" if diff is not None else f"- {c['better']} vs {c['worse']}, {what}: no test"
         )
+        if diff is not None and c.get("ci_low") is not None:
+            level = round(100 * c.get("confidence", 0.95))
+            lines[-1] += f" ({level}% interval {c['ci_low']:+.3f} to {c['ci_high']:+.3f})"
         if diff is not None:
             lines[-1] += f", Welch t {c['t']:.2f}, p {p:.3f}: {c['verdict']}" if p is not None and c.get("t") is not None else f": {c['verdict']}"
     return "\n".join(lines) + "\n"
