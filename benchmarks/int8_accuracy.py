@@ -29,7 +29,7 @@ import tempfile
 from datetime import datetime, timezone
 
 from repghost.cli import main
-from repghost.deploy.quantize import cpu_int8_features
+from repghost.deploy.quantize import cpu_int8_features, int8_flag_names
 
 # (format, calibration method, train form): the file kinds of the study.
 CASES = [
@@ -116,7 +116,7 @@ def main_study() -> int:
     with open(base + ".json", "w") as f:
         json.dump(dict(environment=env, command=command, results=results), f, indent=2)
     count = next((r["count"] for r in results if "count" in r), 0)
-    lines = [f"INT8 top-1 on {args.data} val ({count:.0f} images); {env['cpu'].get('model', '?')} (int8 flags {', '.join(k for k, v in env['cpu'].items() if v is True) or 'unknown'}); {env['date']}.", "",
+    lines = [f"INT8 top-1 on {args.data} val ({count:.0f} images); {env['cpu'].get('model', '?')} (int8 flags {', '.join(int8_flag_names(env['cpu'])) or 'unknown'}); {env['date']}.", "",
              "| model | file | calibration | form | fp32 top-1 | int8 top-1 | change | top-1 agreement | size MB (float) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:

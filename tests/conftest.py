@@ -13,10 +13,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 # the workers do not fight over them, and the processes the tests launch (torchrun ranks, CLI
 # subprocesses) inherit that share through OMP_NUM_THREADS. Alone, a test gets up to 2 threads.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
-torch.set_num_threads(THREADS)
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
 if _WORKERS > 1:
-    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -33,7 +33,6 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(n, generator=g) * 0.3)
     return model
-
 
 
 def pytest_collection_modifyitems(config, items) -> None:

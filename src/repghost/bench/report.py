@@ -96,8 +96,10 @@ class BenchmarkResult:
 
 
 def _flags(env: Dict[str, object]) -> str:
-    """" (AVX2, AVX-512, VNNI)": the CPU's int8-relevant flags, as the record holds them (older records: none)."""
-    flags = [name for name, on in dict(env.get("cpu_flags") or {}).items() if on]
+    """The CPU's int8-relevant flags as the table shows them, " (avx2, avx512f, vnni)"; older records hold none."""
+    from ..deploy.quantize import int8_flag_names
+
+    flags = int8_flag_names(dict(env.get("cpu_flags") or {}))  # type: ignore[call-overload]
     return f" ({', '.join(flags)})" if flags else ""
 
 

@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ __all__ = [
     "onnx_metadata",
     "onnx_weight_range",
     "cpu_int8_features",
+    "int8_flag_names",
     "ONNX_WEIGHT_SCHEMES",
 ]
 
@@ -171,6 +172,11 @@ def cpu_int8_features() -> Dict[str, Any]:
     flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
     return {"model": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "vnni": bool(flags & {"avx512_vnni", "avx_vnni"})}
+
+
+def int8_flag_names(features: Mapping[str, Any]) -> List[str]:
+    """The flags of :func:`cpu_int8_features` that this CPU has, in its order (``["avx2", "vnni"]``)."""
+    return [name for name, on in features.items() if name != "model" and on is True]
 
 
 def onnx_weight_range(path: PathLike) -> int:
