@@ -1,7 +1,7 @@
 """The ablation sweep (`repghost ablate`) and the trainer's variant fields, on CPU with the synthetic set.
 
 Real training runs, kept tiny: 1-2 steps per epoch, and the synthetic validation split cut from 500
-to 64 images (the only shortcut: evaluating 500 images several times per run would dominate).
+to 64 images (`synthetic_val_samples`: evaluating 500 images several times per run would dominate).
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from repghost.ablation import non_inferiority, run_sweep, welch_t
 from repghost.ablation.sweep import StaleRunError, _trained_model, _verdict, deploy_form, load_verdict_settings
 from repghost.models.repghostnet import RepGhostBottleneck, RepGhostModule
 from repghost.cli import main as cli_main
-from repghost.training import setup as training_setup
 from repghost.training.config import load_config
 from repghost.training.loop import train
 
 TINY = dict(
-    model="repghostnet_050", data="synthetic", synthetic_samples=64, img_size=32, epochs=1, batch_size=16,
-    max_steps_per_epoch=2, workers=0, warmup_epochs=0, log_interval=1, ema_decay=0.9,
+    model="repghostnet_050", data="synthetic", synthetic_samples=64, synthetic_val_samples=64, img_size=32, epochs=1,
+    batch_size=16, max_steps_per_epoch=2, workers=0, warmup_epochs=0, log_interval=1, ema_decay=0.9,
 )
 
 
@@ -38,18 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
-
-
-@pytest.fixture(autouse=True)
-def small_val_split(monkeypatch):
-    real = training_setup.build_dataset
-
-    def build(name, split, **kw):
-        if name == "synthetic" and split == "val":
-            kw["synthetic_samples"] = 64
-        return real(name, split, **kw)
-
-    monkeypatch.setattr(training_setup, "build_dataset", build)
 
 
 def test_welch_t_matches_hand_computation():

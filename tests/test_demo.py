@@ -13,7 +13,7 @@ from repghost.cli import main as cli_main
 from repghost.demo import run_demo
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(epochs=2, synthetic_samples=256, batch_size=32, img_size=32)
+TINY = dict(epochs=2, synthetic_samples=256, synthetic_val_samples=64, batch_size=32, img_size=32)
 
 
 @pytest.mark.slow

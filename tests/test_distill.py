@@ -26,7 +26,7 @@ from repghost.training.loop import RunDirError, resume_config, train
 
 TINY = dict(
     model="repghostnet_050", data="synthetic", img_size=32, batch_size=16, workers=0, synthetic_samples=64,
-    epochs=2, max_steps_per_epoch=2, warmup_epochs=0, lr=0.05, ema_decay=0.9, drop_rate=0.0, reprob=0.0,
+    synthetic_val_samples=64, epochs=2, max_steps_per_epoch=2, warmup_epochs=0, lr=0.05, ema_decay=0.9, drop_rate=0.0, reprob=0.0,
     color_jitter=0.0, scale=[0.5, 1.0], log_interval=1,
 )
 
@@ -37,18 +37,6 @@ def one_thread():
     torch.set_num_threads(1)  # tiny runs are several times faster on one thread of a loaded 2-core machine
     yield
     torch.set_num_threads(saved)
-
-
-@pytest.fixture(autouse=True)
-def small_val_split(monkeypatch):
-    real = training_setup.build_dataset
-
-    def build(name, split, **kw):
-        if name == "synthetic" and split == "val":
-            kw["synthetic_samples"] = 64
-        return real(name, split, **kw)
-
-    monkeypatch.setattr(training_setup, "build_dataset", build)
 
 
 def tiny(tmp_path, name="run", **overrides):
@@ -288,7 +276,8 @@ from repghost.training.loop import train
 
 teacher, out = sys.argv[1], sys.argv[2]
 cfg = load_config(None, dict(model="repghostnet_050", data="synthetic", img_size=32, batch_size=8, workers=0,
-                             synthetic_samples=64, epochs=1, max_steps_per_epoch=2, warmup_epochs=0, lr=0.05,
+                             synthetic_samples=64, synthetic_val_samples=64, epochs=1, max_steps_per_epoch=2,
+                             warmup_epochs=0, lr=0.05,
                              teacher=teacher, distill="hard", output=out))
 result = train(cfg)
 rank = os.environ["RANK"]

@@ -269,7 +269,8 @@ def test_a_timm_baseline_trained_here_is_quantized_and_scored_by_the_same_comman
 
     run = tmp_path / "run"
     assert main(["train", "--data", "synthetic", "--model", "timm:mobilenetv3_small_050", "--img-size", "32",
-                 "--synthetic-samples", "64", "-b", "16", "-j", "0", "--epochs", "1", "--output", str(run),
+                 "--synthetic-samples", "64", "--synthetic-val-samples", "64", "-b", "16", "-j", "0", "--epochs", "1",
+                 "--output", str(run),
                  "--no-progress"]) == 0
     capsys.readouterr()
     model, ckpt = model_from_checkpoint(str(run / "best.pth"))

@@ -36,6 +36,7 @@ from repghost.training.setup import configure_backends
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
     model="repghostnet_050", data="synthetic", img_size=32, batch_size=32, workers=0, synthetic_samples=128,
+    synthetic_val_samples=64,  # every epoch evaluates the whole validation split: 500 images would dominate
     epochs=2, warmup_epochs=0, lr=0.05, ema_decay=0.9, drop_rate=0.0, reprob=0.0, color_jitter=0.0,
     scale=[0.5, 1.0], log_interval=1,
 )
@@ -221,7 +222,7 @@ def test_cli_flags_reach_the_run_and_progress_is_printed(tmp_path, capsys, caplo
     run = tmp_path / "run"
     args = [
         "train", "--data", "synthetic", "--model", "repghostnet_050", "--img-size", "32", "--synthetic-samples", "64",
-        "-b", "16", "-j", "0", "--wd", "0", "--smoothing", "0.05", "--drop", "0.1", "--sched", "step", "--opt", "momentum",
+        "--synthetic-val-samples", "64", "-b", "16", "-j", "0", "--wd", "0", "--smoothing", "0.05", "--drop", "0.1", "--sched", "step", "--opt", "momentum",
         "--momentum", "0.8", "--min-lr", "0", "--warmup-lr", "0.001", "--reprob", "0.5", "--remode", "const",
         "--recount", "2", "--aa", "rand-m5-mstd0.5", "--color-jitter", "0.1", "--hflip", "0.3", "--eval-every", "2",
         "--log-interval", "3", "--epochs", "2", "--lr", "0.05", "--output", str(run),
@@ -263,7 +264,8 @@ def test_training_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, cap
 # ---- training ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_short_synthetic_run_learns_well_above_chance(tmp_path):
-    cfg = tiny(tmp_path, epochs=4, batch_size=64, synthetic_samples=2000, lr=0.2, ema_decay=0.98, log_interval=50)
+    cfg = tiny(tmp_path, epochs=4, batch_size=64, synthetic_samples=2000, synthetic_val_samples=None, lr=0.2,
+               ema_decay=0.98, log_interval=50)  # the whole 500-image validation split: the one accuracy check
     result = train(cfg)
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4
@@ -317,7 +319,8 @@ def test_sigkill_mid_epoch_then_resume_finishes(tmp_path):
     run = tmp_path / "killed"
     args = [
         sys.executable, "-m", "repghost", "train", "--data", "synthetic", "--model", "repghostnet_050",
-        "--img-size", "32", "--batch-size", "16", "--workers", "0", "--synthetic-samples", "640",
+        "--img-size", "32", "--batch-size", "16", "--workers", "0", "--synthetic-samples", "320",
+        "--synthetic-val-samples", "64",
         "--epochs", "2", "--warmup-epochs", "0", "--lr", "0.05", "--save-every-steps", "3",
         "--output", str(run), "--no-progress",
     ]
@@ -390,7 +393,7 @@ def test_resume_refuses_to_change_the_runs_model_or_data(tmp_path):
     train(tiny(tmp_path, epochs=1, max_steps_per_epoch=1))
     for key, value in [
         ("model", "repghostnet_100"), ("num_classes", 5), ("data", "imagefolder"), ("data_root", str(tmp_path)),
-        ("img_size", 64), ("synthetic_samples", 256), ("mean", [0.5, 0.5, 0.5]),
+        ("img_size", 64), ("synthetic_samples", 256), ("synthetic_val_samples", 100), ("mean", [0.5, 0.5, 0.5]),
     ]:
         with pytest.raises(RunDirError, match=f"resuming {run} cannot change {key} .*model and data are fixed"):
             resume_config(str(run), {key: value, "epochs": 2})
@@ -512,12 +515,13 @@ def test_eval_cli_on_every_checkpoint_form(tmp_path, capsys):
     capsys.readouterr()
     numbers = {}
     for name, extra in (("best.pth", []), ("deploy.safetensors", []), ("best.pth", ["--deploy"]), (str(converted), [])):
-        args = ["eval", "--checkpoint", str(result.run_dir / name), "--data", "synthetic", "--workers", "0", "--json"]
+        args = ["eval", "--checkpoint", str(result.run_dir / name), "--data", "synthetic", "--synthetic-val-samples", "64",
+                "--workers", "0", "--json"]
         assert cli_main(args + extra) == 0
         out = json.loads(capsys.readouterr().out)
         assert out["transform"]["mean"] == [0.3, 0.3, 0.3] and out["transform"]["img_size"] == 32
         numbers[(name, tuple(extra))] = (out["top1"], out["top5"], out["count"])
-    assert len(set(numbers.values())) == 1, numbers
+    assert len(set(numbers.values())) == 1 and out["count"] == 64, numbers
     final = json.loads((result.run_dir / "final.json").read_text())
     assert numbers[("best.pth", ())][0] == pytest.approx(final["train_form"]["top1"])
 

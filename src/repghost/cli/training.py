@@ -28,7 +28,8 @@ _FLAGS = [
     ("data", "data_root", ["--data-root"], dict(metavar="DIR"), "dataset folder (imagefolder: train/ and val/ class folders)"),
     ("data", "img_size", ["--img-size"], dict(type=int), "training and evaluation input size"),
     ("data", "workers", ["-j", "--workers"], dict(type=int), "data loading processes per training process"),
-    ("data", "synthetic_samples", ["--synthetic-samples"], dict(type=int), "training images of --data synthetic"),
+    ("data", "synthetic_samples", ["--synthetic-samples"], dict(type=int), "training images of --data synthetic (default 5000)"),
+    ("data", "synthetic_val_samples", ["--synthetic-val-samples"], dict(type=int), "validation images of --data synthetic (default 500)"),
     ("augmentation", "scale", ["--scale"], dict(type=float, nargs=2, metavar=("MIN", "MAX")),
      "random-resized-crop area range"),
     ("augmentation", "ratio", ["--ratio"], dict(type=float, nargs=2, metavar=("MIN", "MAX")),
@@ -135,6 +136,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="any supported checkpoint (train, deploy, authors')")
     p.add_argument("--data", choices=list(DATASETS), required=True, help="dataset (its validation split)")
     p.add_argument("--data-root", default=None, help="dataset folder")
+    p.add_argument("--synthetic-val-samples", type=int, default=None, metavar="N",
+                   help="validation images of --data synthetic (default 500; as the run's synthetic_val_samples)")
     p.add_argument("--model", default=None, choices=list_models(), help="asserts the width (else inferred)")
     p.add_argument("--img-size", type=int, default=None, help="default: stored with the weights, else 224")
     p.add_argument("--crop-pct", type=float, default=None, help="default: stored with the weights, else 0.875")
@@ -331,7 +334,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     origin = "command line" if flags else ("stored with the weights" if stored else "published")
     transform = build_transform(img_size, train=False, **tf)
     dataset, spec = build_dataset(
-        args.data, "val", root=args.data_root, transform=transform, download=args.download, synthetic_size=img_size
+        args.data, "val", root=args.data_root, transform=transform, download=args.download, synthetic_size=img_size,
+        synthetic_samples=args.synthetic_val_samples,
     )
     if spec.num_classes != model.num_classes:
         raise ValueError(

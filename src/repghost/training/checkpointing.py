@@ -48,7 +48,7 @@ LAST, BEST, DEPLOY, METRICS, FINAL, CONFIG, TRAIN_LOG, PLOT = (
     "training.png",
 )
 # What a run is: a resume may extend or re-tune it, never swap its network or its data.
-RUN_IDENTITY = ("model", "reparam", "identity_shortcut", "se", "relu_position", "num_classes", "data", "data_root", "img_size", "synthetic_samples", "mean", "std", "teacher", "teacher_model")
+RUN_IDENTITY = ("model", "reparam", "identity_shortcut", "se", "relu_position", "num_classes", "data", "data_root", "img_size", "synthetic_samples", "synthetic_val_samples", "mean", "std", "teacher", "teacher_model")
 _CONFIG_HYPERPARAMETERS = ("lr", "initial_lr", "weight_decay", "momentum")  # optimizer group keys set from the config
 _RESOLVED_KEYS = ("lr_resolved", "world_size", "warmup_epochs_resolved", "teacher_resolved")  # config.yaml extras, not fields
 

@@ -53,7 +53,8 @@ class TrainConfig:
     download: bool = False
     img_size: int = 224
     workers: int = 8
-    synthetic_samples: Optional[int] = None  # train-set size of --data synthetic
+    synthetic_samples: Optional[int] = None  # train-set size of --data synthetic (default 5,000)
+    synthetic_val_samples: Optional[int] = None  # validation-set size of --data synthetic (default 500)
     # train augmentation (timm's create_transform)
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
@@ -215,7 +216,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
     need(cfg.batch_size >= 2, "batch_size", ">= 2 (BatchNorm trains on at least 2 images per batch)")
     for name in ("workers", "save_every_steps", "warmup_epochs", "seed"):
         need(getattr(cfg, name) >= 0, name, ">= 0")
-    for name in ("num_classes", "synthetic_samples", "max_steps_per_epoch"):
+    for name in ("num_classes", "synthetic_samples", "synthetic_val_samples", "max_steps_per_epoch"):
         need(getattr(cfg, name) is None or getattr(cfg, name) >= 1, name, ">= 1 (or null)")
     for name in ("lr", "clip_grad"):
         need(getattr(cfg, name) is None or getattr(cfg, name) > 0, name, "> 0 (or null)")

@@ -146,6 +146,8 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"num_classes must be in [2, {len(SHAPES)}], got {num_classes}")
         if img_size < 16:
             raise ValueError(f"img_size must be >= 16, got {img_size}")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"the synthetic {split} split needs at least 1 image, got {num_samples}")
         self.split = split
         self.num_samples = num_samples if num_samples is not None else (5000 if split == "train" else 500)
         self.img_size = img_size

@@ -110,7 +110,10 @@ def build_data(cfg: TrainConfig, ctx: DistContext) -> RunData:
         synthetic_samples=cfg.synthetic_samples,
         **common,
     )
-    val_set, _ = build_dataset(cfg.data, "val", transform=build_transform(cfg.img_size, train=False, **norm), **common)
+    val_set, _ = build_dataset(
+        cfg.data, "val", transform=build_transform(cfg.img_size, train=False, **norm),
+        synthetic_samples=cfg.synthetic_val_samples, **common,
+    )
     sampler = DistributedSampler(
         train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=cfg.drop_last
     )
