@@ -7,7 +7,6 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from repghost.training.data import (

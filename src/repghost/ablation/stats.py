@@ -4,7 +4,7 @@ for "does not hurt" claims; the t distribution comes from scipy when scipy is in
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 __all__ = ["welch_t", "mean_std", "non_inferiority"]
 
