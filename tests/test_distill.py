@@ -303,3 +303,29 @@ def test_torchrun_two_ranks_each_with_its_teacher(tmp_path):
     assert final["teacher"]["model"] == "repghostnet_100" and final["teacher"]["distill"] == "hard"
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["train_images"] == 2 * 2 * 8 and 0 < record["teacher_share"] < 1
+
+
+def test_the_kd_question_gets_its_latency_pair_though_repghost_is_the_reference():
+    """The sweep times every variant against `repghost`; the KD question compares kd (better) with
+    repghost (worse), so its pair ratio is repghost over kd, from the same rounds."""
+    from repghost.ablation.sweep import compare_variants
+    from repghost.bench.timing import paired_ratio, ratio_iqr
+
+    ref, kd = [2.0, 2.2, 2.1, 2.4, 2.3], [2.1, 2.2, 2.0, 2.6, 2.2]
+
+    def latency(samples):
+        return {"eager": dict(median_ms=statistics.median(samples), paired_ratio=paired_ratio(samples, ref),
+                              ratio_iqr=list(ratio_iqr(samples, ref)), samples_ms=samples)}
+
+    per_variant = {"repghost": dict(latency=latency(ref)), "kd": dict(latency=latency(kd))}
+    runs = [dict(variant=v, top1_ema=t, top1=t) for v, values in (("repghost", [88.5, 89.3, 89.0]), ("kd", [89.5, 89.6, 89.8]))
+            for t in values]
+    [entry] = compare_variants(per_variant, runs, margin=None)
+    eager = entry["latency_ms"]["eager"]
+    assert (entry["better"], entry["worse"], eager["kd"], eager["repghost"]) == ("kd", "repghost", 2.2, 2.2)
+    assert eager["paired_ratio"] == pytest.approx(statistics.median(r / k for r, k in zip(ref, kd)))
+    # a record without its rounds: the inverse of kd's ratio to the reference
+    for record in per_variant.values():
+        del record["latency"]["eager"]["samples_ms"]
+    [entry] = compare_variants(per_variant, runs, margin=None)
+    assert entry["latency_ms"]["eager"]["paired_ratio"] == pytest.approx(1 / per_variant["kd"]["latency"]["eager"]["paired_ratio"])
