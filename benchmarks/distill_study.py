@@ -3,11 +3,12 @@ steps and writes one record of the arms, the gains with their 95% intervals and 
 wall-clock cost.
 
     python benchmarks/distill_study.py --out docs/results/distillation \
-        --budget runs/distillation/ablation-budget --same-minutes runs/distillation/same-minutes \
+        --budget runs/distillation/ablation-budget [--same-minutes runs/distillation/same-minutes] \
         [--config-budget runs/distillation/config-budget]
 
 --budget: step 2's sweep (variants repghost and kd at the ablation budget); --same-minutes:
-step 4's (variant repghost trained for N epochs, N = round(epochs x kd time / plain time));
+step 4's (variant repghost trained for N epochs, N = round(epochs x kd time / plain time)), once
+made;
 --config-budget: step 3's (repghost and kd at the Fashion-MNIST config's budget), once it exists.
 
 Writes OUT/study.json and OUT/study.md, and copies each sweep's ablation.json, ablation.md and
@@ -15,9 +16,9 @@ ablation.png to OUT/<step>/ (no weights). The metric is the sweeps' own: top-1 o
 after the last epoch, EMA weights (raw weights beside it).
 
 Time per run: the median of a run's per-epoch `epoch_seconds` times its epochs, so that an epoch
-slowed by a pause (a SIGSTOP for a timing run on the same machine) does not count. The price of
-the teacher is also given as its share of a distilled epoch (`teacher_share`, measured inside the
-run): a distilled epoch costs 1 / (1 - share) plain epochs, which is how step 4's N is chosen.
+slowed by a pause (a SIGSTOP for a timing run on the same machine) does not count; step 4's N is
+round(epochs x distilled minutes / plain minutes). As a check, the teacher's share of a distilled
+epoch (`teacher_share`, measured inside the run) gives the cost 1 / (1 - share).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from repghost.ablation.stats import mean_std, welch_t
+from repghost.bench.report import environment
 
 GOAL_GAIN = 0.5  # points of top-1 the issue asks distillation to add, with p < 0.05
 
@@ -99,7 +101,7 @@ def markdown(study: Dict[str, Any]) -> str:
     lines = [
         "# Distillation study (Fashion-MNIST, RepGhostNet 0.5x student)",
         "",
-        f"Written by `{study['command']}` on {study['written']}.",
+        f"Written by `{study['command']}` on {study['written']}, on {study['machine']['cpu']}.",
         "",
         "| arm | sweep | epochs | seeds | top-1 EMA mean ± std | top-1 raw mean ± std | minutes per run | teacher share |",
         "|---|---|---|---|---|---|---|---|",
@@ -115,9 +117,11 @@ def markdown(study: Dict[str, Any]) -> str:
         lines.append(f"| {c['question']} ({c['a']} minus {c['b']}) | {_fmt(e['difference'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]"
                      f" | {_p(e['p'])} | {c['verdict']} |")
     n = study["same_minutes"]
-    lines += ["", f"Same minutes: a distilled epoch costs {_fmt(n['kd_epoch_cost'])} plain epochs (median teacher share "
-                  f"{_fmt(n['teacher_share'])}), so {n['budget_epochs']} distilled epochs buy {_fmt(n['equivalent_epochs'], 1)} plain "
-                  f"ones (N = {n['n']}); the same-minutes arm trained {n['trained_epochs']} epochs."]
+    trained = "not trained yet" if n["trained_epochs"] is None else f"trained {n['trained_epochs']} epochs"
+    lines += ["", f"Same minutes: a distilled epoch costs {_fmt(n['kd_epoch_cost'])} plain epochs (median epoch times; "
+                  f"{_fmt(n['cost_from_share'])} from the teacher's median share {_fmt(n['teacher_share'])} of the distilled epoch), "
+                  f"so {n['budget_epochs']} distilled epochs buy {_fmt(n['equivalent_epochs'], 1)} plain ones (N = {n['n']}); "
+                  f"the same-minutes arm {trained}."]
     lat = study.get("latency")
     if lat:
         lines += ["", "Deploy latency (batch 1, 1 thread, the sweep's own measurement): " + "; ".join(
@@ -139,22 +143,27 @@ def _latency(sweep_dir: Path) -> Optional[Dict[str, Any]]:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=Path, required=True, help="step 2's sweep folder (repghost and kd)")
-    p.add_argument("--same-minutes", type=Path, required=True, help="step 4's sweep folder (repghost, N epochs)")
+    p.add_argument("--same-minutes", type=Path, default=None, help="step 4's sweep folder (repghost, N epochs), once it exists")
     p.add_argument("--config-budget", type=Path, default=None, help="step 3's sweep folder (repghost and kd), if made")
     p.add_argument("--out", type=Path, required=True, help="record folder (e.g. docs/results/distillation)")
     args = p.parse_args(argv)
 
     plain, kd = arm("no teacher", args.budget, "repghost"), arm("distilled", args.budget, "kd")
-    longer = arm("no teacher, same minutes", args.same_minutes, "repghost")
-    arms = [plain, kd, longer]
-    comparisons = [compare(kd, plain, "does distillation raise top-1 at the same epochs?"),
-                   compare(kd, longer, "does distillation beat training longer for the same minutes?")]
+    arms = [plain, kd]
+    comparisons = [compare(kd, plain, "does distillation raise top-1 at the same epochs?")]
+    longer = None
+    if args.same_minutes is not None:
+        longer = arm("no teacher, same minutes", args.same_minutes, "repghost")
+        arms.append(longer)
+        comparisons.append(compare(kd, longer, "does distillation beat training longer for the same minutes?"))
     if args.config_budget is not None:
         plain8, kd8 = arm("no teacher", args.config_budget, "repghost"), arm("distilled", args.config_budget, "kd")
         arms += [plain8, kd8]
         comparisons.append(compare(kd8, plain8, f"at the config budget ({plain8['epochs']} epochs)"))
+    # what a distilled run costs in plain epochs: measured wall time (median epoch, so pauses do not
+    # count) and, as a check, the teacher's share of the distilled epoch
     share = kd["teacher_share"]
-    cost = None if share is None else 1 / (1 - share)
+    cost = None if not (kd["minutes_per_run"] and plain["minutes_per_run"]) else kd["minutes_per_run"] / plain["minutes_per_run"]
     equivalent = None if cost is None else kd["epochs"] * cost
     study = dict(
         command="python " + " ".join(["benchmarks/distill_study.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -162,9 +171,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         metric="top-1 (%) on the 10,000 test images after the last epoch; EMA weights (raw beside them)",
         goal=f"a gain of at least {GOAL_GAIN} points with p < 0.05 at equal deploy latency",
         arms=arms, comparisons=comparisons,
-        same_minutes=dict(teacher_share=share, kd_epoch_cost=cost, budget_epochs=kd["epochs"], equivalent_epochs=equivalent,
-                          n=None if equivalent is None else round(equivalent), trained_epochs=longer["epochs"]),
+        same_minutes=dict(kd_epoch_cost=cost, teacher_share=share, cost_from_share=None if share is None else 1 / (1 - share),
+                          budget_epochs=kd["epochs"], equivalent_epochs=equivalent, n=None if equivalent is None else round(equivalent),
+                          trained_epochs=None if longer is None else longer["epochs"]),
         latency=_latency(args.budget),
+        # where this record was written; the docs say whether the runs trained on the same machine
+        machine=environment(threads=1),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study.json").write_text(json.dumps(study, indent=2) + "\n")
