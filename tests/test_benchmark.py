@@ -453,6 +453,7 @@ def test_the_compile_runtimes_int8_path_is_frozen_and_within_the_int8_bound(monk
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_compile_runtime_freezes_in_the_timed_phase_beside_executorch(monkeypatch):
     """The case that lost freezing: ExecuTorch's export resets dynamo after the compiled model was
     prepared, so it recompiles in the compile phase's warm-up; every compilation must be frozen.

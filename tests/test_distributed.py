@@ -74,6 +74,7 @@ torch.save(result.ema_model.state_dict(), os.path.join(out, f"ema{rank}.pt"))
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_two_ranks_identical_weights_and_exact_mid_epoch_resume(tmp_path):
     """Every rank's RNG state is saved and rank r gets its own back: resumed mid-epoch == uninterrupted."""
     script = tmp_path / "ddp_train.py"

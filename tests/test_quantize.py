@@ -124,6 +124,7 @@ def _eval(path: Path, capsys) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_executorch_int8_runs_agrees_and_is_scored_by_eval(trained, tmp_path, capsys):
     pytest.importorskip("executorch")
     out = tmp_path / "int8.pte"
