@@ -32,7 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from repghost.ablation.stats import mean_std, welch_t
+from repghost.ablation.stats import mean_std
+from repghost.ablation.sweep import compare_variants
 from repghost.bench.report import environment
 
 GOAL_GAIN = 0.5  # points of top-1 the issue asks distillation to add, with p < 0.05
@@ -47,7 +48,6 @@ def _epoch_seconds(sweep_dir: Path, run: Dict[str, Any]) -> Dict[str, Optional[f
     seconds = [r["epoch_seconds"] for r in records if r.get("epoch_seconds")]
     shares = [r["teacher_share"] for r in records if r.get("teacher_share") is not None]
     return dict(
-        median_epoch_seconds=statistics.median(seconds) if seconds else None,
         minutes=statistics.median(seconds) * len(records) / 60 if seconds else None,
         teacher_share=statistics.median(shares) if shares else None,
     )
@@ -61,32 +61,30 @@ def arm(name: str, sweep_dir: Path, variant: str) -> Dict[str, Any]:
     costs = [_epoch_seconds(sweep_dir, r) for r in runs]
     minutes = [c["minutes"] for c in costs if c["minutes"] is not None]
     shares = [c["teacher_share"] for c in costs if c["teacher_share"] is not None]
-    latency = (sweep["variants"].get(variant) or {}).get("latency")
+    latency = (sweep["variants"].get(variant) or {}).get("latency") or {}
     return dict(
         name=name, sweep=sweep_dir.name, variant=variant, epochs=runs[0]["epochs"], seeds=[r["seed"] for r in runs],
         top1_ema_runs=[r["top1_ema"] for r in runs], top1_runs=[r["top1"] for r in runs],
         top1_ema=mean_std([r["top1_ema"] for r in runs]), top1=mean_std([r["top1"] for r in runs]),
-        deploy_top1_runs=[r.get("deploy_top1") for r in runs],
         minutes_per_run=statistics.median(minutes) if minutes else None,
         teacher_share=statistics.median(shares) if shares else None,
-        params=runs[0].get("params"), macs=runs[0].get("macs"), latency=latency,
+        params=runs[0].get("params"), macs=runs[0].get("macs"),
+        # the deploy file's batch-1 latency where the sweep timed it (its rounds stay in its ablation.json)
+        latency={rt: dict(median_ms=m["median_ms"], paired_ratio=m["paired_ratio"]) for rt, m in latency.items()} or None,
     )
 
 
 def compare(better: Dict[str, Any], worse: Dict[str, Any], question: str) -> Dict[str, Any]:
-    ema = welch_t(better["top1_ema_runs"], worse["top1_ema_runs"])
-    raw = welch_t(better["top1_runs"], worse["top1_runs"])
-    p, low = ema["p"], ema["ci_low"]
-    if p is None:
-        verdict = "undecided (no spread to test)"
-    elif p < 0.05 and ema["difference"] > 0:
-        verdict = f"{better['name']} is better (p < 0.05)"
-    elif p < 0.05:
-        verdict = f"{worse['name']} is better (p < 0.05)"
-    else:
-        verdict = "no significant difference at these seeds (the interval says how large a difference is not excluded)"
-    return dict(question=question, a=better["name"], b=worse["name"], top1_ema=ema, top1=raw, verdict=verdict,
-                goal_met=bool(p is not None and p < 0.05 and ema["difference"] >= GOAL_GAIN and low is not None and low > 0))
+    """Welch's test of ``better`` against ``worse`` on their per-seed top-1, with the sweep's own
+    test and verdict words (:func:`repghost.ablation.sweep.compare_variants`, its KD question), so
+    that arms from two sweeps (step 4's) are judged as one sweep judges its variants."""
+    runs = [dict(variant=v, top1_ema=ema, top1=raw) for v, a in (("kd", better), ("repghost", worse))
+            for ema, raw in zip(a["top1_ema_runs"], a["top1_runs"])]
+    [entry] = compare_variants({"kd": dict(latency=None), "repghost": dict(latency=None)}, runs, margin=None)
+    ema = entry["top1_ema"]
+    goal_met = ema["p"] is not None and ema["p"] < 0.05 and ema["difference"] >= GOAL_GAIN
+    return dict(question=question, a=better["name"], b=worse["name"], top1_ema=ema, top1=entry["top1"],
+                verdict=entry["verdict"], goal_met=goal_met)
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
@@ -122,22 +120,12 @@ def markdown(study: Dict[str, Any]) -> str:
                   f"{_fmt(n['cost_from_share'])} from the teacher's median share {_fmt(n['teacher_share'])} of the distilled epoch), "
                   f"so {n['budget_epochs']} distilled epochs buy {_fmt(n['equivalent_epochs'], 1)} plain ones (N = {n['n']}); "
                   f"the same-minutes arm {trained}."]
-    lat = study.get("latency")
-    if lat:
-        lines += ["", "Deploy latency (batch 1, 1 thread, the sweep's own measurement): " + "; ".join(
-            f"{v}: {m['runtime']} {m['median_ms']:.3f} ms (x{_fmt(m['paired_ratio'], 3)} paired)" for v, ms in lat.items() for m in ms)]
+    timed = [a for a in study["arms"] if a["latency"]]
+    if timed:
+        lines += ["", "Deploy latency (batch 1, 1 thread, the sweep's own measurement, ratios against its `repghost` runs): " + "; ".join(
+            f"{a['name']} ({a['sweep']}): {rt} {m['median_ms']:.3f} ms (x{_fmt(m['paired_ratio'], 3)} paired)"
+            for a in timed for rt, m in a["latency"].items())]
     return "\n".join(lines) + "\n"
-
-
-def _latency(sweep_dir: Path) -> Optional[Dict[str, Any]]:
-    sweep = json.loads((sweep_dir / "ablation.json").read_text())
-    out = {}
-    for variant, info in sweep["variants"].items():
-        lat = info.get("latency")
-        if lat:
-            out[variant] = [dict(runtime=rt, median_ms=m["median_ms"], paired_ratio=m.get("paired_ratio"))
-                            for rt, m in lat.items() if isinstance(m, dict) and "median_ms" in m]
-    return out or None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -174,7 +162,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         same_minutes=dict(kd_epoch_cost=cost, teacher_share=share, cost_from_share=None if share is None else 1 / (1 - share),
                           budget_epochs=kd["epochs"], equivalent_epochs=equivalent, n=None if equivalent is None else round(equivalent),
                           trained_epochs=None if longer is None else longer["epochs"]),
-        latency=_latency(args.budget),
         # where this record was written; the docs say whether the runs trained on the same machine
         machine=environment(threads=1),
     )

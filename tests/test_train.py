@@ -113,6 +113,7 @@ def test_config_errors():
         ("lr", "fast", "lr must be a number"),
         ("lr", float("nan"), "lr must be a finite number"),
         ("max_steps_per_epoch", 0, "max_steps_per_epoch must be >= 1"),
+        ("synthetic_val_samples", 0, "synthetic_val_samples must be >= 1"),
         ("device", "gpu", "device must be a torch device"),
     ],
 )
@@ -540,6 +541,10 @@ def test_eval_num_classes_mismatch(tmp_path, capsys):
     path = repghost.save_checkpoint(repghost.create_model("repghostnet_050", num_classes=7), tmp_path / "m.safetensors")
     assert cli_main(["eval", "--checkpoint", str(path), "--data", "synthetic", "--img-size", "32"]) == 2
     assert "7 classes but synthetic has 10" in capsys.readouterr().err
+    # eval's own size of the synthetic validation split: refused before any work, in one line
+    assert cli_main(["eval", "--checkpoint", str(path), "--data", "synthetic", "--synthetic-val-samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "the synthetic val split needs at least 1 image, got 0" in err and err.count("\n") == 1, err
 
 
 def test_what_the_config_names_outside_itself_is_checked_before_the_run_dir(tmp_path):

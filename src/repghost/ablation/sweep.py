@@ -39,7 +39,7 @@ from ..training.loop import train
 from ..training.setup import network
 from .report import PNG_NAME, fmt as _fmt, markdown_report, plot_report
 from .stats import mean_std, non_inferiority, welch_t
-from .variants import QUESTIONS, Question, select_variants, variant_overrides
+from .variants import QUESTIONS, select_variants, variant_overrides
 
 __all__ = ["run_sweep", "SweepResult", "run_name", "deploy_form", "measure_latency", "ALPHA", "StaleRunError", "load_verdict_settings",
            "compare_variants"]
@@ -359,28 +359,19 @@ def compare_variants(per_variant: Mapping[str, Dict[str, Any]], runs: List[Dict[
         lat_a, lat_b = per_variant[q.better]["latency"], per_variant[q.worse]["latency"]
         if lat_a and lat_b:
             entry["latency_ms"] = {rt: {q.better: lat_a[rt]["median_ms"], q.worse: lat_b[rt]["median_ms"],
-                                        **_pair_ratio(lat_a[rt], lat_b[rt], q)} for rt in lat_a}
+                                        **_pair_ratio(lat_a[rt], lat_b[rt])} for rt in lat_a}
         result.append(entry)
     return result
 
 
-def _pair_ratio(better: Mapping[str, Any], worse: Mapping[str, Any], q: Question) -> Dict[str, Any]:
-    """The worse variant's latency over the better one's: the median of the per-round ratios and
-    their IQR, from the rounds themselves (round r of every variant is the same round). A record
-    written without its rounds keeps only ratios against the reference variant: the pair's ratio
-    is read from it where the pair includes the reference (inverted when the reference is the
-    worse variant, e.g. ``kd`` against ``repghost``), else it is unknown (``None``)."""
+def _pair_ratio(better: Mapping[str, Any], worse: Mapping[str, Any]) -> Dict[str, Any]:
+    """The worse variant's latency over the better one's, from the rounds themselves (round r of
+    every variant is the same round): the median of the per-round ratios and their IQR. Holds for
+    any pair, whichever variant the sweep's ratios are taken against (``kd`` against ``repghost``)."""
     from ..bench.timing import paired_ratio, ratio_iqr
 
-    if "samples_ms" in better and "samples_ms" in worse:
-        return dict(paired_ratio=paired_ratio(worse["samples_ms"], better["samples_ms"]),
-                    ratio_iqr=list(ratio_iqr(worse["samples_ms"], better["samples_ms"])))
-    if q.better == LATENCY_REFERENCE:
-        return dict(paired_ratio=worse["paired_ratio"], ratio_iqr=worse.get("ratio_iqr"))
-    if q.worse == LATENCY_REFERENCE:
-        low_high = better.get("ratio_iqr")
-        return dict(paired_ratio=1 / better["paired_ratio"], ratio_iqr=[1 / low_high[1], 1 / low_high[0]] if low_high else None)
-    return dict(paired_ratio=None, ratio_iqr=None)
+    return dict(paired_ratio=paired_ratio(worse["samples_ms"], better["samples_ms"]),
+                ratio_iqr=list(ratio_iqr(worse["samples_ms"], better["samples_ms"])))
 
 
 def _verdict(a: List[float], b: List[float], *, kind: str = "superiority", margin: Optional[float] = None) -> Dict[str, Any]:
