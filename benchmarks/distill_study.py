@@ -3,13 +3,14 @@ steps and writes one record of the arms, the gains with their 95% intervals and 
 wall-clock cost.
 
     python benchmarks/distill_study.py --out docs/results/distillation \
-        --budget runs/distillation/ablation-budget [--same-minutes runs/distillation/same-minutes] \
-        [--config-budget runs/distillation/config-budget]
+        --budget runs/distillation/ablation-budget [--config-budget runs/distillation/config-budget] \
+        [--same-minutes runs/distillation/config-budget]
 
 --budget: step 2's sweep (variants repghost and kd at the ablation budget); --same-minutes:
 step 4's (variant repghost trained for N epochs, N = round(epochs x kd time / plain time)), once
-made;
---config-budget: step 3's (repghost and kd at the Fashion-MNIST config's budget), once it exists.
+made; --config-budget: step 3's (repghost and kd at the Fashion-MNIST config's budget), once it
+exists. When N equals the config's epochs the two steps share their no-teacher runs: pass the
+same folder to both (it is read once and copied once, as config-budget).
 
 Writes OUT/study.json and OUT/study.md, and copies each sweep's ablation.json, ablation.md and
 ablation.png to OUT/<step>/ (no weights). The metric is the sweeps' own: top-1 on the test split
@@ -83,7 +84,8 @@ def compare(better: Dict[str, Any], worse: Dict[str, Any], question: str) -> Dic
     [entry] = compare_variants({"kd": dict(latency=None), "repghost": dict(latency=None)}, runs, margin=None)
     ema = entry["top1_ema"]
     goal_met = ema["p"] is not None and ema["p"] < 0.05 and ema["difference"] >= GOAL_GAIN
-    return dict(question=question, a=better["name"], b=worse["name"], top1_ema=ema, top1=entry["top1"],
+    return dict(question=question, a=f"{better['name']}, {better['epochs']} epochs", b=f"{worse['name']}, {worse['epochs']} epochs",
+                top1_ema=ema, top1=entry["top1"],
                 verdict=entry["verdict"], goal_met=goal_met)
 
 
@@ -115,7 +117,8 @@ def markdown(study: Dict[str, Any]) -> str:
         lines.append(f"| {c['question']} ({c['a']} minus {c['b']}) | {_fmt(e['difference'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]"
                      f" | {_p(e['p'])} | {c['verdict']} |")
     n = study["same_minutes"]
-    trained = "not trained yet" if n["trained_epochs"] is None else f"trained {n['trained_epochs']} epochs"
+    trained = ("not trained yet" if n["trained_epochs"] is None
+               else f"trained {n['trained_epochs']} epochs (sweep {n['sweep']})")
     lines += ["", f"Same minutes: a distilled epoch costs {_fmt(n['kd_epoch_cost'])} plain epochs (median epoch times; "
                   f"{_fmt(n['cost_from_share'])} from the teacher's median share {_fmt(n['teacher_share'])} of the distilled epoch), "
                   f"so {n['budget_epochs']} distilled epochs buy {_fmt(n['equivalent_epochs'], 1)} plain ones (N = {n['n']}); "
@@ -139,15 +142,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     plain, kd = arm("no teacher", args.budget, "repghost"), arm("distilled", args.budget, "kd")
     arms = [plain, kd]
     comparisons = [compare(kd, plain, "does distillation raise top-1 at the same epochs?")]
-    longer = None
-    if args.same_minutes is not None:
-        longer = arm("no teacher, same minutes", args.same_minutes, "repghost")
-        arms.append(longer)
-        comparisons.append(compare(kd, longer, "does distillation beat training longer for the same minutes?"))
+    plain8 = None
     if args.config_budget is not None:
         plain8, kd8 = arm("no teacher", args.config_budget, "repghost"), arm("distilled", args.config_budget, "kd")
         arms += [plain8, kd8]
-        comparisons.append(compare(kd8, plain8, f"at the config budget ({plain8['epochs']} epochs)"))
+        comparisons.append(compare(kd8, plain8, f"does distillation raise top-1 at the config budget ({plain8['epochs']} epochs)?"))
+    longer = None
+    if args.same_minutes is not None:
+        if plain8 is not None and args.same_minutes.resolve() == args.config_budget.resolve():
+            longer = plain8  # N equals the config's epochs: step 3's no-teacher runs are the same-minutes arm
+        else:
+            longer = arm("no teacher, same minutes", args.same_minutes, "repghost")
+            arms.append(longer)
+        comparisons.append(compare(kd, longer, "does distillation beat training longer for the same minutes?"))
     # what a distilled run costs in plain epochs: measured wall time (median epoch, so pauses do not
     # count) and, as a check, the teacher's share of the distilled epoch
     share = kd["teacher_share"]
@@ -161,16 +168,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         arms=arms, comparisons=comparisons,
         same_minutes=dict(kd_epoch_cost=cost, teacher_share=share, cost_from_share=None if share is None else 1 / (1 - share),
                           budget_epochs=kd["epochs"], equivalent_epochs=equivalent, n=None if equivalent is None else round(equivalent),
-                          trained_epochs=None if longer is None else longer["epochs"]),
+                          trained_epochs=None if longer is None else longer["epochs"],
+                          sweep=None if longer is None else longer["sweep"]),
         # where this record was written; the docs say whether the runs trained on the same machine
         machine=environment(threads=1),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study.json").write_text(json.dumps(study, indent=2) + "\n")
     (args.out / "study.md").write_text(markdown(study))
-    for name, folder in (("ablation-budget", args.budget), ("same-minutes", args.same_minutes), ("config-budget", args.config_budget)):
-        if folder is None:
+    copied = set()
+    for name, folder in (("ablation-budget", args.budget), ("config-budget", args.config_budget), ("same-minutes", args.same_minutes)):
+        if folder is None or folder.resolve() in copied:  # one copy of a sweep that serves two steps
             continue
+        copied.add(folder.resolve())
         (args.out / name).mkdir(exist_ok=True)
         for f in ("ablation.json", "ablation.md", "ablation.png"):
             if (folder / f).exists():
