@@ -150,6 +150,10 @@ class _Reader:
     def rewind(self) -> None:
         self.i = 0
 
+    def __iter__(self):  # ONNX Runtime's debugging helpers iterate over the reader
+        self.rewind()
+        return iter(self.get_next, None)
+
 
 def onnx_metadata(path: PathLike) -> Dict[str, str]:
     """The ``metadata_props`` of an ONNX file (where ``quantize`` stores the eval transform)."""
@@ -218,6 +222,9 @@ def _integer_ops(path: str) -> Dict[str, int]:
 # docstring); "int8" (full 8 bits, exact only on VNNI CPUs) and "uint8" are there to measure the choice
 # (benchmarks/ort_int8_weights.py) and for users who deploy only on VNNI or ARM CPUs.
 ONNX_WEIGHT_SCHEMES = ("int8-7bit", "int8", "uint8")
+# The float graph `_quantize_onnx` leaves in its work folder, the one quantize_static read: its tensor
+# names are the int8 graph's (deploy/int8_debug.py matches them).
+ONNX_FLOAT_GRAPH = "pre.onnx"
 
 
 def _quantize_onnx(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: str, metadata: Mapping[str, Any], work: str,
@@ -229,7 +236,7 @@ def _quantize_onnx(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: s
     float_path = os.path.join(work, "float.onnx")
     example = calib[:1].contiguous()
     _write_onnx(prepared, float_path, example, opset=17, dynamic_batch=False, n_outputs=1)
-    pre_path = os.path.join(work, "pre.onnx")
+    pre_path = os.path.join(work, ONNX_FLOAT_GRAPH)
     quant_pre_process(float_path, pre_path, skip_symbolic_shape=True)  # shape inference + graph cleanup, as ORT advises
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     quantize_static(
