@@ -3,7 +3,7 @@
     python benchmarks/ort_int8_profile.py [--model repghostnet_100] [--runs 30] [--out FILE.json]
 
 Batch 1, one thread, 224x224, ONNX Runtime's full graph optimization (as `repghost bench`). The
-int8 file is `repghost quantize`'s (QDQ, per-channel symmetric int8 weights, uint8 activations),
+int8 file is `repghost quantize`'s (QDQ, per-channel symmetric 7-bit int8 weights, uint8 activations),
 calibrated on random images. Convolutions are split into 1x1, depthwise and dense kxk; every other
 node is listed by its type, so float islands (DequantizeLinear -> float op -> QuantizeLinear) show
 up by name. Also times a variant with the depthwise convolutions left in float
@@ -26,7 +26,7 @@ from repghost.bench.models import build_benchmark_model, parse_model
 from repghost.bench.report import environment
 from repghost.bench.timing import paired_ratio, time_interleaved
 from repghost.deploy.export import export_model
-from repghost.deploy.quantize import _Reader
+from repghost.deploy.quantize import _Reader, onnx_quantize_settings
 
 
 def _session(path: str, profile_prefix: str | None = None, optimized: str | None = None):
@@ -79,7 +79,7 @@ def main() -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = build_benchmark_model(parse_model(args.model))
@@ -95,11 +95,9 @@ def main() -> int:
         files = {"fp32": fp32}
         for label, exclude in (("int8", []), ("int8, depthwise left in float", depthwise)):
             files[label] = os.path.join(work, f"{len(files)}.onnx")
-            # the settings of repghost.deploy.quantize._quantize_onnx, plus nodes_to_exclude
-            quantize_static(pre, files[label], _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
-                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+            # repghost quantize's settings (7-bit weights), plus nodes_to_exclude
+            quantize_static(pre, files[label], _Reader(calib), calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=exclude, **onnx_quantize_settings())
         result["profile_ms_per_run"] = {label: profile(files[label], x, args.runs, tempfile.mkdtemp(dir=work))
                                         for label in ("fp32", "int8")}
         sessions = {label: _session(path) for label, path in files.items()}

@@ -227,10 +227,23 @@ ONNX_WEIGHT_SCHEMES = ("int8-7bit", "int8", "uint8")
 ONNX_FLOAT_GRAPH = "pre.onnx"
 
 
+def onnx_quantize_settings(weights: str = "int8-7bit") -> Dict[str, Any]:
+    """The ``quantize_static`` settings of ``repghost quantize --format onnx`` (all but the
+    calibration method and data), for the benchmarks that quantize a graph themselves."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    return dict(
+        quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if weights == "uint8" else QuantType.QInt8,
+        reduce_range=weights == "int8-7bit",  # 7-bit weights: no int16 saturation without VNNI (module docstring)
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+    )
+
+
 def _quantize_onnx(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: str, metadata: Mapping[str, Any], work: str,
                    weights: str = "int8-7bit") -> None:
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     float_path = os.path.join(work, "float.onnx")
@@ -239,13 +252,7 @@ def _quantize_onnx(prepared: nn.Module, tmp: str, calib: torch.Tensor, method: s
     pre_path = os.path.join(work, ONNX_FLOAT_GRAPH)
     quant_pre_process(float_path, pre_path, skip_symbolic_shape=True)  # shape inference + graph cleanup, as ORT advises
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-    quantize_static(
-        pre_path, tmp, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if weights == "uint8" else QuantType.QInt8,
-        calibrate_method=methods[method],
-        reduce_range=weights == "int8-7bit",  # 7-bit weights: no int16 saturation without VNNI (module docstring)
-        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-    )
+    quantize_static(pre_path, tmp, _Reader(calib), calibrate_method=methods[method], **onnx_quantize_settings(weights))
     model = onnx.load(tmp)
     for key, value in metadata.items():
         entry = model.metadata_props.add()
