@@ -85,7 +85,7 @@ def main() -> int:
     model = build_benchmark_model(parse_model(args.model))
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
     calib = torch.from_numpy(np.random.default_rng(1).standard_normal((16, 3, 224, 224), dtype=np.float32))
-    result = dict(environment=environment(1), model=args.model)
+    result = dict(environment=environment(1), model=args.model, onnx_weights="int8-7bit", calibration="minmax, 16 random images")
     with tempfile.TemporaryDirectory() as work:
         fp32 = os.path.join(work, "fp32.onnx")
         export_model(model, fp32, "onnx", input_size=(3, 224, 224), reparameterize=False)

@@ -7,23 +7,27 @@ with ONNX Runtime's own debugging helpers (``onnxruntime.quantization.qdq_loss_d
 intermediate tensor made an output, then matched by name), and gives for each activation tensor,
 in graph order:
 
-* ``sqnr_db``: the int8 model's tensor against the float model's (signal-to-quantization-noise
-  ratio in dB, per image, the median over images; higher is better): the error accumulated up
-  to that point;
-* ``own_sqnr_db``: the float tensor against itself quantized and dequantized with its own
-  calibrated scale: the error that tensor's 8-bit range adds on its own (``None`` for a tensor
-  whose op the quantizer fused away, e.g. a Relu after a Conv);
+* ``sqnr_db``: the int8 graph's tensor (after its quantize/dequantize step) against the float
+  graph's: signal-to-quantization-noise ratio in dB, per image, the median over images (higher is
+  better): the error accumulated up to that point;
+* ``own_sqnr_db``: the int8 graph's tensor before its quantize/dequantize step against after it:
+  the error that tensor's own 8-bit step adds;
+* ``fused``: the quantizer removed the op that makes this tensor (e.g. a Relu after a Conv: the
+  conv's int8 output clips instead), so it has no step of its own and ``own_sqnr_db`` is ``None``;
+  an SQNR of ``"exact"`` means no error at all (e.g. a reshape, or a pool over a 1x1 map), ``"no
+  signal"`` a tensor that is zero in float but not in int8;
 * ``int8_step``: the tensor's calibrated 8-bit step (the scale of its QuantizeLinear; ``None``
   where it has none);
 * the float tensor's range on the images and the median over images of each one's largest
   absolute value (``image_absmax_median``: far below the range when a few images are outliers),
-  and for 4-d tensors how unequal its channels are: the largest
-  per-channel absolute maximum over the median one (``channel_ratio``), and the channels that are
-  zero on every image (``dead_channels``). One 8-bit step per tensor cannot serve channels whose
-  ranges differ by 100x (the failure that cross-layer equalization, Nagel et al. 2019, addresses).
+  and for a tensor of shape (1, C, H, W) how unequal its channels are: the largest per-channel
+  absolute maximum over the median one (``channel_ratio``), and the channels that are zero on
+  every image (``dead_channels``). One 8-bit step per tensor cannot serve channels whose ranges
+  differ by 100x (the failure that cross-layer equalization, Nagel et al. 2019, addresses).
 
-Only the helpers' arithmetic is ONNX Runtime's; what is added here is the graph order, the channel
-statistics and a record a user can read.
+Only the helpers' graph surgery and matching are ONNX Runtime's; the per-image SQNR, the graph
+order, the steps and the channel statistics are added here (ONNX Runtime pools the SQNR over all
+images, which hides the failure seen on MobileNetV3's head, docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -38,33 +42,36 @@ import torch
 from torch import nn
 
 from .export import _inference_copy
-from .quantize import ONNX_FLOAT_GRAPH, ONNX_WEIGHT_SCHEMES, _quantize_onnx, _Reader
+from .quantize import ONNX_FLOAT_GRAPH, _quantize_onnx, _Reader, onnx_quantize_settings
 
 
-def _db(value: Any) -> Optional[float]:
+def _db(value: Any) -> Any:
     value = float(value)
-    return round(value, 2) if math.isfinite(value) else None  # an all-zero tensor has no SQNR
+    if math.isfinite(value):
+        return round(value, 2)
+    return "exact" if value > 0 else "no signal" if value < 0 else None  # JSON has no infinities
 
 
 def _median_image_sqnr(reference: List[np.ndarray], candidate: List[np.ndarray]) -> float:
-    """SQNR (dB) image by image, then the median. ONNX Runtime's own helper pools every image's
+    """SQNR (dB) image by image, then the median: ONNX Runtime's own helper pools every image's
     energy, so a few outlier images with large activations hide a tensor that is all rounding
-    noise on the other images (seen on MobileNetV3's head, docs/quantization.md)."""
+    noise on the other images."""
     ratios = []
     for x, y in zip(reference, candidate):
         x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-        noise = float(np.sum((x - y) ** 2))
-        ratios.append(math.inf if noise == 0 else 10 * math.log10(max(float(np.sum(x ** 2)), 1e-30) / noise))
+        noise, signal = float(np.sum((x - y) ** 2)), float(np.sum(x ** 2))
+        ratios.append(math.inf if noise == 0 else -math.inf if signal == 0 else 10 * math.log10(signal / noise))
     return float(np.median(ratios))
 
 
-def _channels(batches: List[np.ndarray], shape: Optional[List[int]]) -> Dict[str, Any]:
-    # the helpers save every tensor flattened; the graph's inferred shape (batch 1) restores it
-    x = np.stack([b.reshape(shape) for b in batches]) if shape and all(shape) else np.concatenate(batches)
-    x = x.reshape(-1, *x.shape[2:]) if x.ndim == 5 else x
-    per_image = np.abs(x.reshape(len(x), -1)).max(axis=1)
-    stats: Dict[str, Any] = dict(min=float(x.min()), max=float(x.max()), image_absmax_median=float(np.median(per_image)))
-    if x.ndim == 4:
+def _statistics(batches: List[np.ndarray], shape: Optional[List[int]]) -> Dict[str, Any]:
+    """Range and per-image maxima of one tensor, each entry of ``batches`` one image (the reader
+    gives batch 1; the helpers save every tensor flattened), and its channel statistics when the
+    graph's inferred shape is a known (1, C, H, W)."""
+    stats: Dict[str, Any] = dict(min=float(min(b.min() for b in batches)), max=float(max(b.max() for b in batches)),
+                                 image_absmax_median=float(np.median([np.abs(b).max() for b in batches])))
+    if shape is not None and len(shape) == 4 and shape[0] == 1 and all(d > 0 for d in shape):
+        x = np.stack([b.reshape(shape[1:]) for b in batches])
         peak = np.abs(x).max(axis=(0, 2, 3))
         live = peak[peak > 0]
         stats.update(channels=int(peak.size), dead_channels=int(peak.size - live.size),
@@ -83,18 +90,18 @@ def onnx_tensor_errors(
 ) -> List[Dict[str, Any]]:
     """Quantize ``model`` for ONNX Runtime as ``repghost quantize`` does (calibrated on
     ``calibration``), run both graphs on ``verification`` (different images) and return one entry
-    per activation tensor, in graph order: ``name``, ``op`` (the node that makes it), ``sqnr_db``,
-    ``own_sqnr_db`` and the channel statistics of the module docstring. The last entry is the
+    per activation tensor, in graph order: ``name``, ``op`` (the node that makes it in float),
+    ``fused``, ``sqnr_db``, ``own_sqnr_db``, ``int8_step`` and the statistics of the module docstring. The last entry is the
     model's output."""
     import onnx
     import onnx.numpy_helper
+    from onnxruntime.quantization.quant_utils import QUANT_INPUT_SUFFIX
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations, compute_activation_error, create_activation_matching,
         modify_model_output_intermediate_tensors,
     )
 
-    if onnx_weights not in ONNX_WEIGHT_SCHEMES:
-        raise ValueError(f"unknown ONNX weight scheme {onnx_weights!r}; choose one of {', '.join(ONNX_WEIGHT_SCHEMES)}")
+    onnx_quantize_settings(onnx_weights)  # an unknown scheme is refused before any work
     prepared = _inference_copy(model.eval(), reparameterize).eval()
     with tempfile.TemporaryDirectory(prefix="repghost-int8-debug-") as work:
         int8_path = os.path.join(work, "int8.onnx")
@@ -119,11 +126,12 @@ def onnx_tensor_errors(
     for node in graph.node:
         for out in node.output:
             if out in errors and out in activations["float"]:
-                # a Relu the quantizer fused into the op before it no longer exists in the int8
-                # graph: its "own" error would compare the unclipped input with the clipped output
-                fused = int8_ops.get(out) != node.op_type
-                rows.append(dict(name=out, op=node.op_type, sqnr_db=_db(errors[out]["xmodel_err"]),
+                # a quantized graph output keeps its name on the last DequantizeLinear; the op
+                # that made it now writes out + QUANT_INPUT_SUFFIX
+                made = out + QUANT_INPUT_SUFFIX if out + QUANT_INPUT_SUFFIX in int8_ops else out
+                fused = int8_ops.get(made) != node.op_type
+                rows.append(dict(name=out, op=node.op_type, fused=fused, sqnr_db=_db(errors[out]["xmodel_err"]),
                                  own_sqnr_db=None if fused else _db(errors[out].get("qdq_err", float("nan"))),
-                                 int8_step=steps.get(out),
-                                 **_channels(activations["float"][out], shapes.get(out))))
+                                 int8_step=steps.get(made),
+                                 **_statistics(activations["float"][out], shapes.get(out))))
     return rows

@@ -232,6 +232,8 @@ def onnx_quantize_settings(weights: str = "int8-7bit") -> Dict[str, Any]:
     calibration method and data), for the benchmarks that quantize a graph themselves."""
     from onnxruntime.quantization import QuantFormat, QuantType
 
+    _check_weights(weights)
+
     return dict(
         quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if weights == "uint8" else QuantType.QInt8,
