@@ -116,6 +116,8 @@ def _train_one(args: argparse.Namespace, name: str) -> None:
             raise SystemExit(f"{run_dir} holds recipe {name} with other settings ({', '.join(changed)}); delete the folder "
                              "to train it again with these, or pass another --output")
     if not (run_dir / "final.json").is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _note_machine(run_dir, args.threads)
         if (run_dir / "last.pth").is_file():
             print(f"{name}: resuming", flush=True)
             train_detector(resume_detect_config(str(run_dir)), resume=True)
@@ -166,6 +168,7 @@ def _summary(args: argparse.Namespace, names: List[str]) -> Dict[str, Any]:
             "tune_best": {k: final["best"].get(f"bbox_{k}") for k in ("AP", "AP50", "AP75")}, "tune_best_epoch": final["best_epoch"],
             "fit_last": {k: fit["bbox"][k] for k in ("AP", "AP50", "AP75")},
             "final_train_loss": records[-1].get("train_loss") if records else None,
+            "trained_on": _where(run_dir),
         })
     base = {k: v for k, v in _values(args, names[0]).items() if k not in RECIPES[names[0]] and k not in ("epochs", "output")}
     for key in ("train_ann", "train_images", "val_ann", "val_images", "data_root"):
@@ -177,6 +180,35 @@ def _summary(args: argparse.Namespace, names: List[str]) -> Dict[str, Any]:
                     "trained on fit.json, scored on tune.json (held-out training band); the validation scene is not used"}
 
 
+def _note_machine(run_dir: Path, threads: int) -> None:
+    """Append where this (re)start of the run trains to ``machine.json``: a run resumed elsewhere lists both."""
+    file = run_dir / "machine.json"
+    machines = json.loads(file.read_text()) if file.is_file() else []
+    file.write_text(json.dumps(machines + [_machine(threads)], indent=1))
+
+
+def _where(run_dir: Path) -> str:
+    """The machines a run trained on, in a few words ("not recorded" for runs older than machine.json)."""
+    file = run_dir / "machine.json"
+    if not file.is_file():
+        return "not recorded"
+    words = [f"{m['gpu']} (AMP)" if m.get("gpu") else f"{m.get('cpu')} CPU, {m.get('threads')} thread(s)"
+             for m in json.loads(file.read_text())]
+    return "; ".join(dict.fromkeys(words))
+
+
+def _machine(threads: int) -> Dict[str, Any]:
+    """Where a run trains: the CPU (model, int8 flags, versions) and the GPU when training uses one."""
+    import torch
+
+    from repghost.bench.report import environment
+
+    env = environment(threads=threads)
+    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None  # detect train picks CUDA when present
+    env["amp"] = "fp16 autocast (CUDA)" if env["gpu"] else "off (fp32 on CPU)"
+    return env
+
+
 def _markdown(report: Dict[str, Any]) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| recipe | epochs | steps | tune AP50 (last) | tune AP (last) | tune AP50 (best, epoch) | fit AP50 (last weights) | final train loss |",
@@ -184,7 +216,8 @@ def _markdown(report: Dict[str, Any]) -> str:
     for r in report["runs"]:
         lines.append(f"| {r['recipe']} | {r['epochs']} | {r['steps']} | {fmt(r['tune_last']['AP50'])} | {fmt(r['tune_last']['AP'])} "
                      f"| {fmt(r['tune_best']['AP50'])} ({r['tune_best_epoch'] + 1}) | {fmt(r['fit_last']['AP50'])} | {fmt(r['final_train_loss'])} |")
-    lines += ["", f"Config {report['config']}, data {report['data']}: {report['note']}. Last: the final evaluation (chosen by "
+    lines += ["", "Trained on: " + "; ".join(f"{r['recipe']}: {r.get('trained_on', 'not recorded')}" for r in report["runs"]) + ".",
+              "", f"Config {report['config']}, data {report['data']}: {report['note']}. Last: the final evaluation (chosen by "
               "nothing); best: the best evaluation on tune (optimistic). Fit: the last weights on their own training tiles."]
     return "\n".join(lines) + "\n"
 

@@ -239,6 +239,26 @@ def _tiny_config(synth: Path, out: Path, **kw):
     return load_detect_config(None, values)
 
 
+def test_detection_training_leaves_cudnn_benchmark_off(tmp_path, synth, monkeypatch):
+    """Jittered batch sizes would make cuDNN re-time every convolution at each new shape: the
+    detection trainer leaves the benchmark off, as torchvision's detection references do."""
+    import repghost.detection.train as detect_train
+
+    class Stop(Exception):
+        pass
+
+    asked = {}
+
+    def spy(device, deterministic, **kw):
+        asked.update(kw)
+        raise Stop  # nothing else of the run is needed
+
+    monkeypatch.setattr(detect_train, "configure_backends", spy)
+    with pytest.raises(Stop):
+        detect_train.train_detector(_tiny_config(synth, tmp_path / "run"))
+    assert asked == {"fixed_shapes": False}
+
+
 def test_seeds_draw_independent_epochs(tmp_path, synth):
     """Seed k+1 at epoch e must not replay seed k at epoch e+1 (sample order, augmentation seeds)."""
     from repghost.detection.train import epoch_loader

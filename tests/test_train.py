@@ -182,6 +182,8 @@ def test_cudnn_benchmark_on_cuda_unless_deterministic():
         assert torch.backends.cudnn.benchmark is False
         configure_backends(torch.device("cuda"), deterministic=False)
         assert torch.backends.cudnn.benchmark is True
+        configure_backends(torch.device("cuda"), deterministic=False, fixed_shapes=False)  # detection's jittered sizes
+        assert torch.backends.cudnn.benchmark is False
         configure_backends(torch.device("cuda"), deterministic=True)
         assert torch.backends.cudnn.benchmark is False and torch.are_deterministic_algorithms_enabled()
     finally:

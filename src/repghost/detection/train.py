@@ -295,7 +295,7 @@ def train_detector(cfg: DetectTrainConfig, *, resume: bool = False, callbacks: O
 
 
 def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: Optional[TrainCallbacks]) -> Dict[str, Any]:
-    configure_backends(ctx.device, cfg.deterministic)
+    configure_backends(ctx.device, cfg.deterministic, fixed_shapes=False)  # jittered sizes: see its docstring
     if cfg.output is None:  # set before the data: --data synthetic writes its set inside the run folder
         cfg.output = str(Path("runs") / f"{cfg.detector}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
     train_set, val_set, bn_set = _datasets(cfg)  # errors about the data come before the run folder exists

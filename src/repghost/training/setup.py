@@ -44,11 +44,14 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # back-ends and seeds
 # --------------------------------------------------------------------------------------------
-def configure_backends(device: torch.device, deterministic: bool) -> None:
+def configure_backends(device: torch.device, deterministic: bool, *, fixed_shapes: bool = True) -> None:
     """Deterministic algorithms when asked; otherwise let cuDNN pick the fastest kernels on CUDA.
 
-    ``cudnn.benchmark`` times the candidate convolution algorithms for each input shape once and
-    keeps the fastest (the authors' script turns it on); training shapes are fixed, so it pays.
+    ``cudnn.benchmark`` times the candidate convolution algorithms for each new input shape and
+    keeps the fastest (the authors' script turns it on). Classification batches have one shape, so
+    it pays once. Detection batches change shape with the scale jitter (every padded size is a new
+    shape, re-timed for every convolution, forward and backward), so ``fixed_shapes=False`` leaves it
+    off, as torchvision's detection references do.
     """
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
@@ -56,7 +59,7 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = fixed_shapes
 
 
 def seed_all(seed: int) -> None:
