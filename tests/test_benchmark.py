@@ -459,12 +459,16 @@ def test_compile_runtime_freezes_in_the_timed_phase_beside_executorch(monkeypatc
     prepared, so it recompiles in the compile phase's warm-up; every compilation must be frozen.
     (The int8 graph's compilation is checked in the test before this one, its recompilation after
     a reset in the one before that.)"""
+    # timm's smallest EfficientNet (depthwise, SE): what is tested is the compile runtime's settings
+    # across the export's reset, for any model; RepGhostNet 0.5x took 44 s here, almost all of it
+    # ExecuTorch's lowering, and its ExecuTorch path is covered by the int8 and export tests
+    model = "timm:test_efficientnet"
     spy = _InductorSpy(monkeypatch)
-    result = run_benchmark(["repghostnet_050"], ["compile", "executorch"], input_size=SIZE, rounds=2, warmup=1)
+    result = run_benchmark([model], ["compile", "executorch"], input_size=SIZE, rounds=2, warmup=1)
     assert len(spy.compilations) >= 2  # compiled, then recompiled after the export's reset
     assert all(spy.compilations), spy.compilations
-    assert result.get("repghostnet_050", "compile").max_rel_error < 1e-4
-    assert result.get("repghostnet_050", "executorch").max_rel_error <= 1e-4
+    assert result.get(model, "compile").max_rel_error < 1e-4
+    assert result.get(model, "executorch").max_rel_error <= 1e-4
 
 
 @pytest.mark.slow
