@@ -123,7 +123,6 @@ def _train_one(args: argparse.Namespace, name: str) -> None:
             train_detector(resume_detect_config(str(run_dir)), resume=True)
         else:
             print(f"{name}: training ({values['epochs']} epochs)", flush=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
             recipe_file.write_text(json.dumps(values, indent=1, sort_keys=True))
             train_detector(load_detect_config(None, dict(values, output=str(run_dir))))
     else:
@@ -192,21 +191,20 @@ def _where(run_dir: Path) -> str:
     file = run_dir / "machine.json"
     if not file.is_file():
         return "not recorded"
-    words = [f"{m['gpu']} (AMP)" if m.get("gpu") else f"{m.get('cpu')} CPU, {m.get('threads')} thread(s)"
+    words = [m["gpu"] or f"{m['cpu']} CPU, {m['threads']} thread(s)"
              for m in json.loads(file.read_text())]
     return "; ".join(dict.fromkeys(words))
 
 
 def _machine(threads: int) -> Dict[str, Any]:
-    """Where a run trains: the CPU (model, int8 flags, versions) and the GPU when training uses one."""
+    """Where a run trains: the CPU (model, int8 flags, versions) and the GPU when training uses one
+    (AMP or not is in the run's config.yaml)."""
     import torch
 
     from repghost.bench.report import environment
 
-    env = environment(threads=threads)
-    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None  # detect train picks CUDA when present
-    env["amp"] = "fp16 autocast (CUDA)" if env["gpu"] else "off (fp32 on CPU)"
-    return env
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None  # detect train picks CUDA when present
+    return dict(environment(threads=threads), gpu=gpu)
 
 
 def _markdown(report: Dict[str, Any]) -> str:
@@ -216,7 +214,7 @@ def _markdown(report: Dict[str, Any]) -> str:
     for r in report["runs"]:
         lines.append(f"| {r['recipe']} | {r['epochs']} | {r['steps']} | {fmt(r['tune_last']['AP50'])} | {fmt(r['tune_last']['AP'])} "
                      f"| {fmt(r['tune_best']['AP50'])} ({r['tune_best_epoch'] + 1}) | {fmt(r['fit_last']['AP50'])} | {fmt(r['final_train_loss'])} |")
-    lines += ["", "Trained on: " + "; ".join(f"{r['recipe']}: {r.get('trained_on', 'not recorded')}" for r in report["runs"]) + ".",
+    lines += ["", "Trained on: " + "; ".join(f"{r['recipe']}: {r['trained_on']}" for r in report["runs"]) + ".",
               "", f"Config {report['config']}, data {report['data']}: {report['note']}. Last: the final evaluation (chosen by "
               "nothing); best: the best evaluation on tune (optimistic). Fit: the last weights on their own training tiles."]
     return "\n".join(lines) + "\n"
