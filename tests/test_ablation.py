@@ -154,6 +154,8 @@ def test_sweep_writes_every_run_and_resumes_a_killed_one(tmp_path):
         v = report["variants"][name]
         assert v["top1_ema"]["n"] == 2 and v["top1_ema"]["std"] is not None and v["top1"]["mean"] is not None
         assert v["latency"] is None and v["params"] > 0
+    # folded, the two are the same network (params are the deploy form's)
+    assert report["variants"]["repghost"]["params"] == report["variants"]["no-reparam"]["params"]
     # what was trained is each variant's network: the BN re-param branch, or none
     for name, fusion in (("repghost", nn.BatchNorm2d), ("no-reparam", type(None))):
         for k in (0, 1):

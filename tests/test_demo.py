@@ -39,6 +39,25 @@ def test_demo_writes_the_report_folder(tmp_path):
         assert (tmp_path / "demo" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+def test_demo_cli_without_matplotlib_skips_the_plots_and_says_what_to_install(tmp_path, capsys, monkeypatch):
+    """`pip install repghost` has no matplotlib: `repghost demo` still reports, and names the extra.
+    In-process: matplotlib made unimportable, the demo's training table cut to the tiny run above."""
+    import repghost.demo
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(repghost.demo, "DEMO_TRAINING", dict(repghost.demo.DEMO_TRAINING, **TINY))
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--out", str(out), "--epochs", "1", "--bench-rounds", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    notes = [line for line in captured.out.splitlines() if line.startswith("note")]
+    assert len(notes) == 1 and "plots skipped" in notes[0] and "pip install 'repghost[plot]'" in notes[0]
+    assert sorted(p.name for p in out.iterdir()) == ["model.mnn", "model.onnx", "run", "summary.md"]
+    summary = (out / "summary.md").read_text()
+    assert "pip install 'repghost[plot]'" in summary and "deploy form (every BN folded): top-1" in summary
+
+
 def test_demo_cli_refuses_to_overwrite(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert cli_main(["demo", "--out", str(tmp_path)]) == 2
