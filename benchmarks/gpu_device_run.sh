@@ -1,24 +1,41 @@
 #!/bin/bash
-# The GPU-machine check of 2026-12-04 (record docs/results/gpu/device-run.txt): gpu_check.py, then the
-# DeepForest recipe sweep on the GPU, three recipes side by side, until BUDGET seconds (default 500) are
-# used. Prepared here, run there: .whl/ holds a pycocotools wheel for the machine's Python (pip download
+# One call of the device tool (a lent GPU machine): gpu_check.py, then the DeepForest recipe sweep
+# (benchmarks/detection_sweep.py) for RECIPES side by side until BUDGET seconds (default 520) are used.
+# Prepared here, run there, e.g. `RECIPES=adamw-5e-4,sgd-0.005 bash benchmarks/gpu_device_run.sh` with
+# carry [.whl, .devdata]: .whl/ holds a pycocotools wheel for the machine's Python (pip download
 # --only-binary=:all: --python-version 3.12 ...), .devdata/deepforest the fetched set's fit/tune tiles
-# (repghost detect fetch deepforest --cache .devdata); both are carried, neither is committed.
+# (repghost detect fetch deepforest --cache .devdata); neither is committed.
+# If no run has logged a step after PROBE seconds (default 75), every trainer gets SIGABRT, so
+# faulthandler prints where each thread is, and the call ends. The run folders (last.pth included, so
+# runs stopped by the budget resume elsewhere with the same sweep command) and the sweep's log come back
+# as one tar in 15 MB parts: the tool returns at most 8 files (`cat sweep.tar.part-* | tar xf -`).
 START=$(date +%s)
-export PYTHONUNBUFFERED=1
+elapsed() { echo $(( $(date +%s) - START )); }
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD/src
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 nproc; python3 -c "import torch,torchvision,timm,pycocotools;print(torch.__version__,torchvision.__version__,timm.__version__)"
-timeout 200 python3 benchmarks/gpu_check.py --compile --out $OUT > $OUT/gpu_check.log 2>&1; echo "gpu_check rc=$? after $(( $(date +%s) - START )) s"
-tail -8 $OUT/gpu_check.log
+timeout 150 python3 benchmarks/gpu_check.py ${COMPILE:+--compile} --steps 10 --out $OUT > /tmp/gpu_check.log 2>&1
+echo "gpu_check rc=$? after $(elapsed) s"; tail -7 /tmp/gpu_check.log
 mkdir -p data && cp -r .devdata/deepforest data/
-LEFT=$(( ${BUDGET:-500} - ($(date +%s) - START) ))
-echo "sweep gets $LEFT s"
-SW=docs/results/detection/recipe-sweep-gpu
-timeout $LEFT python3 benchmarks/detection_sweep.py --data data/deepforest --output $SW --jobs 3 --threads 4 \
-  --recipes ${RECIPES:-sgd-0.01,adamw-2e-3,adamw-1e-3} > $OUT/sweep.log 2>&1; echo "sweep rc=$? after $(( $(date +%s) - START )) s"
-tail -15 $OUT/sweep.log
-for r in $SW/runs/*; do echo "== $r"; tail -2 $r/train.log | cut -c1-250; done
-tar czf $OUT/sweep.tgz --exclude='*.pth' --exclude='*.safetensors' $SW
-echo "done after $(( $(date +%s) - START )) s"
+SW=docs/results/detection/recipe-sweep
+python3 benchmarks/detection_sweep.py --data data/deepforest --output $SW --jobs 2 --threads 4 \
+  --recipes ${RECIPES:?name the recipes} > $SW/sweep-device.log 2>&1 &
+PID=$!
+while kill -0 $PID 2>/dev/null && [ $(elapsed) -lt ${BUDGET:-520} ]; do
+  sleep 5
+  if [ -z "$PROBED" ] && [ $(elapsed) -ge $(( ${PROBE:-75} + 0 )) ]; then
+    PROBED=1
+    if ! grep -q ' step ' $SW/runs/*/train.log 2>/dev/null; then
+      echo "no step logged after $(elapsed) s: SIGABRT to the trainers (stacks in sweep-device.log)"
+      pkill -ABRT -f -- '--one'; sleep 5; break
+    fi
+  fi
+done
+if kill -0 $PID 2>/dev/null; then pkill -TERM -f detection_sweep.py; sleep 5; pkill -KILL -f detection_sweep.py; fi
+wait $PID; echo "sweep rc=$? after $(elapsed) s"
+grep -v WARNING $SW/sweep-device.log | tail -40 | cut -c1-250
+for r in $SW/runs/*; do [ -f $r/train.log ] && { echo "== $r"; grep -v WARNING $r/train.log | tail -3 | cut -c1-250; }; done
+tar cf - --exclude='*.safetensors' $SW/sweep-device.log $(for r in ${RECIPES//,/ }; do echo $SW/runs/$r; done) | split -b 15M - $OUT/sweep.tar.part-
+echo "done after $(elapsed) s"
