@@ -9,6 +9,11 @@ the path) with this checkout's virtual environment; this checkout runs `make tes
 (xdist workers). Times are pytest's own "in N s" (collection included, set-up excluded). Writes
 OUT.json and OUT.md: each run (order, commit, tests passed, seconds) and the ratios now/baseline of
 each adjacent pair with their median. Nothing else should run on the machine meanwhile.
+
+    python benchmarks/suite_ab.py --fast-tier --rounds 2 --out docs/results/tests/fast_tier
+
+--fast-tier times `make test-fast`'s pytest command (the tests not marked slow or network) of this
+checkout alone, --rounds times, and writes the same kind of record (no baseline, no ratios).
 """
 
 from __future__ import annotations
@@ -56,10 +61,15 @@ def _run(label: str, folder: Path, args: list, env: dict) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", type=Path, required=True, help="a checkout of the earlier commit")
+    p.add_argument("--baseline", type=Path, help="a checkout of the earlier commit (needed unless --fast-tier)")
+    p.add_argument("--fast-tier", action="store_true", help="time this checkout's fast tier (make test-fast) alone")
     p.add_argument("--rounds", type=int, default=2, help="A B B A blocks (each runs both suites twice)")
     p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = p.parse_args()
+    if args.fast_tier:
+        return _fast_tier(args)
+    if args.baseline is None:
+        p.error("--baseline is required (or pass --fast-tier)")
     from repghost.bench.report import environment
 
     base_env = dict(os.environ, PYTHONPATH=str(args.baseline.resolve() / "src"))
@@ -89,6 +99,27 @@ def main() -> int:
     lines += ["", f"Ratios now/baseline of adjacent pairs: {', '.join(f'{r:.3f}' for r in ratios)}; "
                   f"median **{record['median_ratio']:.3f}**.", ""]
     args.out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+def _fast_tier(args: argparse.Namespace) -> int:
+    from repghost.bench.report import environment
+
+    pytest_args = _makefile_pytest_args() + ["-m", "not slow and not network"]
+    runs = [dict(_run("fast tier", REPO, pytest_args, dict(os.environ)), order=i) for i in range(args.rounds)]
+    record = dict(environment=environment(threads=os.cpu_count() or 1),
+                  command=f"benchmarks/suite_ab.py --fast-tier --rounds {args.rounds} --out {os.path.relpath(args.out.resolve(), REPO)}",
+                  pytest_command=f"python -m pytest -q {' '.join(pytest_args)}", runs=runs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    env = record["environment"]
+    lines = ["# Test-suite time: the fast tier (make test-fast)\n",
+             f"Written by `python {record['command']}` on {env['date']}, {env['cpu']}, {env['cpu_count']} cores "
+             f"(flags {', '.join(k for k, v in env['cpu_flags'].items() if v)}). Seconds: pytest's own summary (set-up excluded).\n",
+             "| order | commit | passed | pytest s |", "|---|---|---|---|"]
+    lines += [f"| {r['order']} | {r['commit']} | {r['passed']} | {r['pytest_seconds']:.0f} |" for r in runs]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
