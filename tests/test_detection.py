@@ -403,15 +403,21 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     values = _tiny_config(synth, tmp_path / "unused", epochs=1, max_steps_per_epoch=2).to_dict()
     values.pop("output")
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(values))
-    report = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", backbones=("repghostnet_050", "ghostnet_050"), seeds=2,
-                                 latency_rounds=3, overrides={"train_images": str(synth / "images")})
+    study = dict(backbones=("repghostnet_050", "ghostnet_050"), seeds=2, overrides={"train_images": str(synth / "images")})
+    # A process that trains only seed 1 (as a second process would) writes those runs and no report.
+    assert run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **study, latency_rounds=0, only_seeds=[1]) is None
+    assert sorted(p.parent.name for p in (tmp_path / "out" / "runs").glob("*/final.json")) == ["ghostnet_050-seed1", "repghostnet_050-seed1"]
+    assert not (tmp_path / "out" / "detection.json").exists()
+    with pytest.raises(ValueError, match="only_seeds"):
+        run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **study, only_seeds=[2])
+    report = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **study, latency_rounds=3)
     # The records carry no machine path: runs and overrides relative to the record's folder.
     record_text = (tmp_path / "out" / "detection.json").read_text()
     assert str(tmp_path) not in record_text and str(synth) not in record_text
     assert report["overrides"]["train_images"] == os.path.relpath(synth / "images", tmp_path / "out")
     finals = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*/final.json")]
     assert len(finals) == 4 and all(f["run"] == "." for f in finals)
-    assert [(r["backbone"], r["seed"]) for r in report["runs"]] == [("repghostnet_050", 0), ("repghostnet_050", 1), ("ghostnet_050", 0), ("ghostnet_050", 1)]
+    assert [(r["backbone"], r["seed"]) for r in report["runs"]] == [("repghostnet_050", 0), ("ghostnet_050", 0), ("repghostnet_050", 1), ("ghostnet_050", 1)]
     for b in report["backbones"].values():
         assert b["bbox_AP50"]["n"] == 2 and b["bbox_AP50"]["std"] is not None
         assert b["parameters"] > 0 and b["macs"] > 0 and set(b["latency"]) == {"eager", "onnxruntime"}

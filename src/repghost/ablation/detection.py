@@ -78,9 +78,13 @@ def run_detection_study(
     overrides: Optional[Mapping[str, Any]] = None,
     latency_rounds: int = 50,
     progress: Optional[Progress] = None,
-) -> Dict[str, Any]:
-    """Train every (backbone, seed) of ``config`` into ``output/runs``, then write
-    ``output/detection.json`` and ``detection.md``; returns the report."""
+    only_seeds: Optional[Sequence[int]] = None,
+) -> Optional[Dict[str, Any]]:
+    """Train every (backbone, seed) of ``config`` into ``output/runs``, seed by seed (so a study cut
+    short holds whole seeds), then write ``output/detection.json`` and ``detection.md``; returns the
+    report. ``only_seeds`` (indices into ``range(seeds)``) trains just those seeds' runs and writes
+    no report: several processes can share a study's runs that way (one thread each), and a last
+    call without it reports."""
     import yaml
 
     say = progress or (lambda line: log.info("%s", line))
@@ -88,15 +92,20 @@ def run_detection_study(
     values.update(overrides or {})
     out = Path(output)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(only_seeds or ()) - set(range(seeds)))
+    if unknown:
+        raise ValueError(f"only_seeds {unknown} are not among the study's seeds 0..{seeds - 1}")
     runs: List[Dict[str, Any]] = []
     base_seed = int(values.get("seed", 0))
-    for backbone in backbones:
-        for k in range(seeds):
+    for k in (sorted(set(only_seeds)) if only_seeds else range(seeds)):
+        for backbone in backbones:
             run_dir = out / "runs" / f"{backbone}-seed{k}"
             final = _run(dict(values, backbone=backbone, seed=base_seed + k), run_dir, say)
             runs.append({"backbone": backbone, "seed": base_seed + k, "run": str(run_dir.relative_to(out)),
                          **{m: final["best"].get(m) for m in METRICS}, "best_epoch": final["best_epoch"],
                          **_last_evaluation(run_dir)})
+    if only_seeds:
+        return None
     num_classes = len(json.loads((out / "runs" / f"{backbones[0]}-seed0" / "final.json").read_text())["categories"]["ids"])
     size = int(values.get("img_size", 512))
     cores, params = {}, {}

@@ -86,7 +86,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--backbones", default="repghostnet_100,mobilenet_v3_large,ghostnet_100", metavar="A,B,C",
                    help="the first is compared with each of the others (default: repghostnet_100,mobilenet_v3_large,ghostnet_100)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..SEEDS-1 for every backbone (default 3)")
+    p.add_argument("--only-seeds", default=None, metavar="K,K",
+                   help="train just these seeds' runs and write no report (e.g. two processes, --only-seeds 0,2 and "
+                        "--only-seeds 1, one thread each); then run once without it for the report")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field for every run")
     p.add_argument("--latency-rounds", type=int, default=50, help="0 skips the latency measurement")
     p.set_defaults(run=cmd_compare)
@@ -206,10 +209,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     if len(backbones) < 1:
         raise ValueError("--backbones names no backbone")
+    only = None
+    if args.only_seeds is not None:
+        try:
+            only = [int(k) for k in args.only_seeds.split(",") if k.strip()]
+        except ValueError:
+            raise ValueError(f"--only-seeds takes seed indices such as 0,2; got {args.only_seeds!r}") from None
     report = run_detection_study(
         args.config, args.output, backbones=backbones, seeds=args.seeds, overrides=parse_set(args.set),
-        latency_rounds=args.latency_rounds, progress=lambda line: print(line, flush=True),
+        latency_rounds=args.latency_rounds, progress=lambda line: print(line, flush=True), only_seeds=only,
     )
+    if report is None:
+        print(f"trained seeds {args.only_seeds}; run the same command without --only-seeds for the report")
+        return 0
     print()
     print(detection_table(report))
     print(f"wrote {Path(args.output) / 'detection.json'}, {Path(args.output) / 'detection.md'}")
