@@ -5,10 +5,12 @@
 # carry [.whl, .devdata]: .whl/ holds a pycocotools wheel for the machine's Python (pip download
 # --only-binary=:all: --python-version 3.12 ...), .devdata/deepforest the fetched set's fit/tune tiles
 # (repghost detect fetch deepforest --cache .devdata); neither is committed.
-# If no run has logged a step after PROBE seconds (default 75), every trainer gets SIGABRT, so
-# faulthandler prints where each thread is, and the call ends. The run folders (last.pth included, so
-# runs stopped by the budget resume elsewhere with the same sweep command) and the sweep's log come back
-# as one tar in 15 MB parts: the tool returns at most 8 files (`cat sweep.tar.part-* | tar xf -`).
+# If no run of RECIPES has logged a step PROBE seconds (default 75) after the sweep started, every
+# trainer gets SIGABRT, so faulthandler prints where each thread is, and the call ends. The run folders
+# (last.pth included, so runs stopped by the budget resume elsewhere with the same sweep command) and
+# the sweep's log come back as one tar in 15 MB parts (`cat sweep.tar.part-* | tar xf -`): the tool
+# returns at most 8 files and 64 MiB, so two runs fit (an AdamW run's last.pth is about 22 MB), three may not.
+: "${RECIPES:?name the recipes, e.g. RECIPES=adamw-5e-4,sgd-0.005}" "${OUT:?OUT is the folder that comes back}"
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
@@ -21,15 +23,18 @@ echo "gpu_check rc=$? after $(elapsed) s"; tail -7 /tmp/gpu_check.log
 mkdir -p data && cp -r .devdata/deepforest data/
 SW=docs/results/detection/recipe-sweep
 python3 benchmarks/detection_sweep.py --data data/deepforest --output $SW --jobs 2 --threads 4 \
-  --recipes ${RECIPES:?name the recipes} > $SW/sweep-device.log 2>&1 &
+  --recipes $RECIPES > $SW/sweep-device.log 2>&1 &
 PID=$!
+PROBE_AT=$(( $(elapsed) + ${PROBE:-75} ))
+LOGS=$(for r in ${RECIPES//,/ }; do echo $SW/runs/$r/train.log; done)
+BEFORE=$(cat $LOGS 2>/dev/null | grep -c ' step ')  # a resumed run's log already holds steps
 while kill -0 $PID 2>/dev/null && [ $(elapsed) -lt ${BUDGET:-520} ]; do
   sleep 5
-  if [ -z "$PROBED" ] && [ $(elapsed) -ge $(( ${PROBE:-75} + 0 )) ]; then
+  if [ -z "$PROBED" ] && [ $(elapsed) -ge $PROBE_AT ]; then
     PROBED=1
-    if ! grep -q ' step ' $SW/runs/*/train.log 2>/dev/null; then
-      echo "no step logged after $(elapsed) s: SIGABRT to the trainers (stacks in sweep-device.log)"
-      pkill -ABRT -f -- '--one'; sleep 5; break
+    if [ $(cat $LOGS 2>/dev/null | grep -c ' step ') -le $BEFORE ]; then
+      echo "no step logged $(( ${PROBE:-75} )) s into the sweep: SIGABRT to the trainers (stacks in sweep-device.log)"
+      pkill -ABRT -f 'detection_sweep.py.*--one'; sleep 5; break
     fi
   fi
 done

@@ -63,7 +63,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", type=Path, help="a checkout of the earlier commit (needed unless --fast-tier)")
     p.add_argument("--fast-tier", action="store_true", help="time this checkout's fast tier (make test-fast) alone")
-    p.add_argument("--rounds", type=int, default=2, help="A B B A blocks (each runs both suites twice)")
+    p.add_argument("--rounds", type=int, default=2, help="A B B A blocks (each runs both suites twice); with --fast-tier, runs")
     p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = p.parse_args()
     if args.fast_tier:
@@ -110,7 +110,7 @@ def _fast_tier(args: argparse.Namespace) -> int:
     runs = [dict(_run("fast tier", REPO, pytest_args, dict(os.environ)), order=i) for i in range(args.rounds)]
     record = dict(environment=environment(threads=os.cpu_count() or 1),
                   command=f"benchmarks/suite_ab.py --fast-tier --rounds {args.rounds} --out {os.path.relpath(args.out.resolve(), REPO)}",
-                  pytest_command=f"python -m pytest -q {' '.join(pytest_args)}", runs=runs)
+                  pytest_command=f"python -m pytest -q {' '.join(_makefile_pytest_args())} -m 'not slow and not network'", runs=runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     env = record["environment"]

@@ -408,9 +408,12 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     assert run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **study, latency_rounds=0, only_seeds=[1]) is None
     assert sorted(p.parent.name for p in (tmp_path / "out" / "runs").glob("*/final.json")) == ["ghostnet_050-seed1", "repghostnet_050-seed1"]
     assert not (tmp_path / "out" / "detection.json").exists()
-    with pytest.raises(ValueError, match="only_seeds"):
-        run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **study, only_seeds=[2])
+    for wrong in ([2], []):
+        with pytest.raises(ValueError, match="only-seeds"):
+            run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **study, only_seeds=wrong)
+    seed1 = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*-seed1/last.pth")}
     report = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **study, latency_rounds=3)
+    assert {p: p.stat().st_mtime_ns for p in seed1} == seed1  # the report's call kept the other process's runs
     # The records carry no machine path: runs and overrides relative to the record's folder.
     record_text = (tmp_path / "out" / "detection.json").read_text()
     assert str(tmp_path) not in record_text and str(synth) not in record_text

@@ -92,19 +92,22 @@ def run_detection_study(
     values.update(overrides or {})
     out = Path(output)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    unknown = sorted(set(only_seeds or ()) - set(range(seeds)))
-    if unknown:
-        raise ValueError(f"only_seeds {unknown} are not among the study's seeds 0..{seeds - 1}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if only_seeds is not None:
+        unknown = sorted(set(only_seeds) - set(range(seeds)))
+        if unknown or not only_seeds:
+            raise ValueError(f"only seeds {unknown or 'none'} given; the study's seeds are 0..{seeds - 1} (--only-seeds K,K)")
     runs: List[Dict[str, Any]] = []
     base_seed = int(values.get("seed", 0))
-    for k in (sorted(set(only_seeds)) if only_seeds else range(seeds)):
+    for k in (sorted(set(only_seeds)) if only_seeds is not None else range(seeds)):
         for backbone in backbones:
             run_dir = out / "runs" / f"{backbone}-seed{k}"
             final = _run(dict(values, backbone=backbone, seed=base_seed + k), run_dir, say)
             runs.append({"backbone": backbone, "seed": base_seed + k, "run": str(run_dir.relative_to(out)),
                          **{m: final["best"].get(m) for m in METRICS}, "best_epoch": final["best_epoch"],
                          **_last_evaluation(run_dir)})
-    if only_seeds:
+    if only_seeds is not None:
         return None
     num_classes = len(json.loads((out / "runs" / f"{backbones[0]}-seed0" / "final.json").read_text())["categories"]["ids"])
     size = int(values.get("img_size", 512))
