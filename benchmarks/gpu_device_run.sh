@@ -22,11 +22,12 @@ timeout 150 python3 benchmarks/gpu_check.py ${COMPILE:+--compile} --steps 10 --o
 echo "gpu_check rc=$? after $(elapsed) s"; tail -7 /tmp/gpu_check.log
 mkdir -p data && cp -r .devdata/deepforest data/
 SW=docs/results/detection/recipe-sweep
+RUNS=$(for r in ${RECIPES//,/ }; do echo $SW/runs/$r; done)
 python3 benchmarks/detection_sweep.py --data data/deepforest --output $SW --jobs 2 --threads 4 \
   --recipes $RECIPES > $SW/sweep-device.log 2>&1 &
 PID=$!
 PROBE_AT=$(( $(elapsed) + ${PROBE:-75} ))
-LOGS=$(for r in ${RECIPES//,/ }; do echo $SW/runs/$r/train.log; done)
+LOGS=$(for r in $RUNS; do echo $r/train.log; done)
 BEFORE=$(cat $LOGS 2>/dev/null | grep -c ' step ')  # a resumed run's log already holds steps
 while kill -0 $PID 2>/dev/null && [ $(elapsed) -lt ${BUDGET:-520} ]; do
   sleep 5
@@ -42,5 +43,5 @@ if kill -0 $PID 2>/dev/null; then pkill -TERM -f detection_sweep.py; sleep 5; pk
 wait $PID; echo "sweep rc=$? after $(elapsed) s"
 grep -v WARNING $SW/sweep-device.log | tail -40 | cut -c1-250
 for r in $SW/runs/*; do [ -f $r/train.log ] && { echo "== $r"; grep -v WARNING $r/train.log | tail -3 | cut -c1-250; }; done
-tar cf - --exclude='*.safetensors' $SW/sweep-device.log $(for r in ${RECIPES//,/ }; do echo $SW/runs/$r; done) | split -b 15M - $OUT/sweep.tar.part-
+tar cf - --exclude='*.safetensors' $SW/sweep-device.log $RUNS | split -b 15M - $OUT/sweep.tar.part-
 echo "done after $(elapsed) s"

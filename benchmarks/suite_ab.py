@@ -39,6 +39,22 @@ def _makefile_pytest_args() -> list:
     return match.group(1).split() if match else []
 
 
+def _makefile_fast_marker() -> str:
+    """`make test-fast`'s marker expression (its `-m "..."`), so --fast-tier times what that target runs."""
+    match = re.search(r'^test-fast:.*\n\t.*-m "([^"]+)"', (REPO / "Makefile").read_text(), re.M)
+    if not match:
+        raise SystemExit("the Makefile's test-fast target has no -m \"...\" marker expression")
+    return match.group(1)
+
+
+def _write(out: Path, record: dict, lines: list) -> None:
+    """OUT.json (the record) and OUT.md (``lines``), and the Markdown on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def _commit(folder: Path) -> str:
     return subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -88,8 +104,6 @@ def main() -> int:
                   now_command=f"python -m pytest -q {' '.join(_makefile_pytest_args())}",
                   baseline_command="python -m pytest -q (one process, the baseline's src/ first on the path)",
                   runs=runs, pair_ratios=ratios, median_ratio=statistics.median(ratios))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     env = record["environment"]
     lines = ["# Test-suite time: now against the baseline commit, A B B A\n",
              f"Written by `python {record['command']}` on {env['date']}, {env['cpu']}, {env['cpu_count']} cores. "
@@ -98,29 +112,26 @@ def main() -> int:
     lines += [f"| {r['order']} | {r['suite']} | {r['commit']} | {r['passed']} | {r['pytest_seconds']:.0f} |" for r in runs]
     lines += ["", f"Ratios now/baseline of adjacent pairs: {', '.join(f'{r:.3f}' for r in ratios)}; "
                   f"median **{record['median_ratio']:.3f}**.", ""]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    _write(args.out, record, lines)
     return 0
 
 
 def _fast_tier(args: argparse.Namespace) -> int:
     from repghost.bench.report import environment
 
-    pytest_args = _makefile_pytest_args() + ["-m", "not slow and not network"]
-    runs = [dict(_run("fast tier", REPO, pytest_args, dict(os.environ)), order=i) for i in range(args.rounds)]
+    marker = _makefile_fast_marker()
+    runs = [dict(_run("fast tier", REPO, _makefile_pytest_args() + ["-m", marker], dict(os.environ)), order=i)
+            for i in range(args.rounds)]
     record = dict(environment=environment(threads=os.cpu_count() or 1),
                   command=f"benchmarks/suite_ab.py --fast-tier --rounds {args.rounds} --out {os.path.relpath(args.out.resolve(), REPO)}",
-                  pytest_command=f"python -m pytest -q {' '.join(_makefile_pytest_args())} -m 'not slow and not network'", runs=runs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+                  pytest_command=f"python -m pytest -q {' '.join(_makefile_pytest_args())} -m '{marker}'", runs=runs)
     env = record["environment"]
     lines = ["# Test-suite time: the fast tier (make test-fast)\n",
              f"Written by `python {record['command']}` on {env['date']}, {env['cpu']}, {env['cpu_count']} cores "
              f"(flags {', '.join(k for k, v in env['cpu_flags'].items() if v)}). Seconds: pytest's own summary (set-up excluded).\n",
              "| order | commit | passed | pytest s |", "|---|---|---|---|"]
-    lines += [f"| {r['order']} | {r['commit']} | {r['passed']} | {r['pytest_seconds']:.0f} |" for r in runs]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += [f"| {r['order']} | {r['commit']} | {r['passed']} | {r['pytest_seconds']:.0f} |" for r in runs] + [""]
+    _write(args.out, record, lines)
     return 0
 
 

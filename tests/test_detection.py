@@ -436,6 +436,15 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     assert [r["bbox_AP50"] for r in again["runs"]] == [r["bbox_AP50"] for r in report["runs"]]
 
 
+@pytest.mark.parametrize("only", ["a", ",", "3"])
+def test_compare_refuses_bad_only_seeds_before_making_anything(tmp_path, capsys, only):
+    out = tmp_path / "study"
+    assert main(["detect", "compare", "--config", str(Path(__file__).parents[1] / "configs/detection/deepforest_retinanet.yaml"), "--output", str(out),
+                 "--only-seeds", only]) == 2
+    assert "--only-seeds" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_the_whole_retinanet_exports_as_one_onnx_graph(tmp_path):
     pytest.importorskip("onnxruntime")

@@ -90,24 +90,25 @@ def run_detection_study(
     say = progress or (lambda line: log.info("%s", line))
     values = dict(yaml.safe_load(Path(config).read_text()) or {})
     values.update(overrides or {})
-    out = Path(output)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    if only_seeds is not None:
+    partial = only_seeds is not None
+    if partial:
         unknown = sorted(set(only_seeds) - set(range(seeds)))
         if unknown or not only_seeds:
             raise ValueError(f"only seeds {unknown or 'none'} given; the study's seeds are 0..{seeds - 1} (--only-seeds K,K)")
+    out = Path(output)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: List[Dict[str, Any]] = []
     base_seed = int(values.get("seed", 0))
-    for k in (sorted(set(only_seeds)) if only_seeds is not None else range(seeds)):
+    for k in (sorted(set(only_seeds)) if partial else range(seeds)):
         for backbone in backbones:
             run_dir = out / "runs" / f"{backbone}-seed{k}"
             final = _run(dict(values, backbone=backbone, seed=base_seed + k), run_dir, say)
             runs.append({"backbone": backbone, "seed": base_seed + k, "run": str(run_dir.relative_to(out)),
                          **{m: final["best"].get(m) for m in METRICS}, "best_epoch": final["best_epoch"],
                          **_last_evaluation(run_dir)})
-    if only_seeds is not None:
+    if partial:
         return None
     num_classes = len(json.loads((out / "runs" / f"{backbones[0]}-seed0" / "final.json").read_text())["categories"]["ids"])
     size = int(values.get("img_size", 512))
