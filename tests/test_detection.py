@@ -436,12 +436,13 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     assert [r["bbox_AP50"] for r in again["runs"]] == [r["bbox_AP50"] for r in report["runs"]]
 
 
-@pytest.mark.parametrize("only", ["a", ",", "3"])
-def test_compare_refuses_bad_only_seeds_before_making_anything(tmp_path, capsys, only):
+@pytest.mark.parametrize("bad, named", [(["--only-seeds", "a"], "--only-seeds"), (["--only-seeds", ","], "--only-seeds"),
+                                        (["--only-seeds", "3"], "--only-seeds"), (["--seeds", "0"], "seeds must be >= 1")])
+def test_compare_refuses_bad_seeds_before_making_anything(tmp_path, capsys, bad, named):
     out = tmp_path / "study"
-    assert main(["detect", "compare", "--config", str(Path(__file__).parents[1] / "configs/detection/deepforest_retinanet.yaml"), "--output", str(out),
-                 "--only-seeds", only]) == 2
-    assert "--only-seeds" in capsys.readouterr().err
+    config = Path(__file__).parents[1] / "configs/detection/deepforest_retinanet.yaml"
+    assert main(["detect", "compare", "--config", str(config), "--output", str(out), *bad]) == 2
+    assert named in capsys.readouterr().err
     assert not out.exists()
 
 
