@@ -17,7 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
+import timm
 import torch
+import torchvision
 
 from repghost.detection import create_detector
 from repghost.detection.export import DetectorCore
@@ -73,7 +75,7 @@ def main() -> int:
     rows = [measure(key, args.img_size, args.num_classes) for key in args.detectors]
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"img_size": args.img_size, "num_classes": args.num_classes, "preset": "light", "rows": rows,
-              "versions": {"torch": torch.__version__}}
+              "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__}}
     (args.out / "sizes.json").write_text(json.dumps(record, indent=2) + "\n")
     text = table(rows, args.img_size, args.num_classes)
     (args.out / "sizes.md").write_text(text)
