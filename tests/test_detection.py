@@ -18,6 +18,7 @@ pytest.importorskip("pycocotools")
 from conftest import randomize_bn  # noqa: E402
 from repghost import create_model, model_form, reparameterize_model, save_checkpoint  # noqa: E402
 from repghost.cli import main  # noqa: E402
+from repghost.ablation.sweep import StaleRunError  # noqa: E402
 from repghost.detection import create_detector  # noqa: E402
 from repghost.detection.config import load_detect_config  # noqa: E402
 from repghost.detection.data import AnnotationError, CocoSet, collate_detection, robust, train_transforms  # noqa: E402
@@ -434,6 +435,13 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     again = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", backbones=("repghostnet_050", "ghostnet_050"), seeds=2, latency_rounds=0)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # finished runs are not trained again
     assert [r["bbox_AP50"] for r in again["runs"]] == [r["bbox_AP50"] for r in report["runs"]]
+    # Runs made with other settings are refused, finished or to be resumed, never reported under new ones.
+    with pytest.raises(StaleRunError, match=r"repghostnet_050-seed0 was trained .*lr: stored .*asked 0\.5.*another output folder"):
+        run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **dict(study, overrides={**study["overrides"], "lr": 0.5}), latency_rounds=0)
+    (tmp_path / "out" / "runs" / "repghostnet_050-seed0" / "final.json").unlink()  # as if killed after its last checkpoint
+    with pytest.raises(StaleRunError, match=r"repghostnet_050-seed0 was started .*lr: stored .*asked 0\.5"):
+        run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **dict(study, overrides={**study["overrides"], "lr": 0.5}), latency_rounds=0)
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
 
 
 @pytest.mark.parametrize("bad, named", [(["--only-seeds", "a"], "--only-seeds"), (["--only-seeds", ","], "--only-seeds"),

@@ -3,10 +3,12 @@
 Same recipe, budget and heads for every backbone; only the backbone changes. One run folder per
 (backbone, seed), trained by :func:`repghost.detection.train.train_detector`: a finished run
 (``final.json``) is never trained again, a killed one resumes from its ``last.pth``, so the study
-can be spread over several sittings. Then per backbone: box AP and AP50 (mean, standard deviation
-over seeds), parameters and MACs of the detector's dense part at the training size, and its batch-1
-latency (deployed form, eager and ONNX Runtime, one thread, interleaved); and per comparison
-backbone a Welch t-test of RepGhostNet's AP50 against it, at each run's best epoch and at its last.
+can be spread over several sittings; either is refused when its stored ``config.yaml`` differs
+from what the study asks (a resumed run may differ in ``epochs`` only). Then per backbone: box AP
+and AP50 (mean, standard deviation over seeds), parameters and MACs of the detector's dense part at
+the training size, and its batch-1 latency (deployed form, eager and ONNX Runtime, one thread,
+interleaved); and per comparison backbone a Welch t-test of RepGhostNet's AP50 against it, at each
+run's best epoch and at its last.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 from ..files import atomic_write
 from ..models.complexity import count_macs, count_params
 from .stats import mean_std
-from .sweep import _verdict, measure_latency
+from .sweep import StaleRunError, _verdict, check_same_config, measure_latency
 
 __all__ = ["run_detection_study", "detection_table"]
 
@@ -35,11 +37,21 @@ def _run(values: Dict[str, Any], run_dir: Path, say: Progress) -> Dict[str, Any]
     from ..detection.config import load_detect_config
     from ..detection.train import resume_detect_config, train_detector
 
+    def same_config(resuming: bool) -> None:
+        # A run made with other settings is refused, never reported under this study's settings.
+        if not (run_dir / "config.yaml").is_file():
+            raise StaleRunError(f"{run_dir} has no config.yaml: it cannot be checked; delete it to retrain it")
+        stored = resume_detect_config(str(run_dir)).to_dict()
+        asked = load_detect_config(None, dict(values, output=str(run_dir))).to_dict()
+        check_same_config(stored, asked, run_dir, resuming=resuming, study="study")
+
     final = run_dir / "final.json"
     if final.is_file():
+        same_config(resuming=False)
         say(f"{run_dir.name}: finished already")
         return json.loads(final.read_text())
     if (run_dir / "last.pth").is_file():
+        same_config(resuming=True)
         say(f"{run_dir.name}: resuming")
         return train_detector(resume_detect_config(str(run_dir), {"epochs": values["epochs"]}), resume=True)
     say(f"{run_dir.name}: training")

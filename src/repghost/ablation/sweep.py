@@ -41,7 +41,7 @@ from .report import PNG_NAME, fmt as _fmt, markdown_report, plot_report
 from .stats import mean_std, non_inferiority, welch_t
 from .variants import QUESTIONS, select_variants, variant_overrides
 
-__all__ = ["run_sweep", "SweepResult", "run_name", "deploy_form", "measure_latency", "ALPHA", "StaleRunError", "load_verdict_settings",
+__all__ = ["run_sweep", "SweepResult", "run_name", "deploy_form", "measure_latency", "ALPHA", "StaleRunError", "check_same_config", "load_verdict_settings",
            "compare_variants"]
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,11 @@ def _base_values(config: Union[str, os.PathLike, Mapping[str, Any]], overrides: 
 # --------------------------------------------------------------------------------------------
 # the runs
 # --------------------------------------------------------------------------------------------
-def _check_same_config(values: Mapping[str, Any], run_dir: Path, *, resuming: bool) -> None:
-    """Raise :class:`StaleRunError` when ``run_dir``'s stored config.yaml differs from ``values``
-    (a resumed run may only differ in ``epochs``, which resuming extends)."""
-    if not (run_dir / CONFIG).is_file():
-        raise StaleRunError(f"{run_dir} has a checkpoint but no {CONFIG}: it cannot be checked; delete it to retrain it")
-    stored = resume_config(str(run_dir)).to_dict()
-    asked = load_config(None, dict(values, output=str(run_dir))).to_dict()
+def check_same_config(stored: Mapping[str, Any], asked: Mapping[str, Any], run_dir: Path, *, resuming: bool,
+                      study: str = "sweep") -> None:
+    """Raise :class:`StaleRunError` when a run's ``stored`` configuration (its config.yaml, loaded)
+    differs from the ``asked`` one in a field that changes what the run computes (a resumed run may
+    also differ in ``epochs``, which resuming extends). Both as their config class's ``to_dict()``."""
     skip = set(_NOT_RESULT_FIELDS) | ({"epochs"} if resuming else set())
     # num_classes asked as None is left to the trainer, which stores the dataset's (training/setup.py)
     diff = {k: (stored.get(k), v) for k, v in asked.items()
@@ -130,10 +128,18 @@ def _check_same_config(values: Mapping[str, Any], run_dir: Path, *, resuming: bo
     if diff:
         listed = "; ".join(f"{k}: stored {old!r}, asked {new!r}" for k, (old, new) in sorted(diff.items()))
         raise StaleRunError(
-            f"{run_dir} was {'started' if resuming else 'trained'} with another configuration than this sweep asks "
+            f"{run_dir} was {'started' if resuming else 'trained'} with another configuration than this {study} asks "
             f"for ({listed}); its results would be reported under the new settings. Use another output folder, "
             f"or delete {run_dir} to retrain it."
         )
+
+
+def _check_same_config(values: Mapping[str, Any], run_dir: Path, *, resuming: bool) -> None:
+    if not (run_dir / CONFIG).is_file():
+        raise StaleRunError(f"{run_dir} has a checkpoint but no {CONFIG}: it cannot be checked; delete it to retrain it")
+    stored = resume_config(str(run_dir)).to_dict()
+    asked = load_config(None, dict(values, output=str(run_dir))).to_dict()
+    check_same_config(stored, asked, run_dir, resuming=resuming)
 
 
 def _train_run(values: Dict[str, Any], run_dir: Path, say: Progress) -> str:
