@@ -319,7 +319,7 @@ def test_create_model_says_what_it_assumes_for_a_file_that_records_nothing(tmp_p
 
 
 # ---- one place for each idea ------------------------------------------------------------------
-def test_layouts_is_pure_and_resolution_is_one_function():
+def test_layouts_is_pure_and_resolution_is_one_function(tmp_path, monkeypatch):
     """layouts.py reads no files and builds no models (so files.py may import it without a cycle);
     create_model and model_from_checkpoint resolve a file's configuration through resolve_config."""
     import ast
@@ -333,8 +333,21 @@ def test_layouts_is_pure_and_resolution_is_one_function():
                 if isinstance(n, ast.ImportFrom) for a in n.names}
     assert not [i for i in imported if i.startswith(("files:", "load:", "resolve:", "..reparam"))
                 or i.endswith((":RepGhostNet", ":Checkpoint"))], imported
-    assert "resolve_config(" in inspect.getsource(create) and "recorded_config" not in inspect.getsource(create)
-    assert "resolve_config(" in inspect.getsource(resolve.infer_config)
+    path = repghost.save_checkpoint(repghost.create_model("repghostnet_050", num_classes=10), tmp_path / "m.safetensors")
+    calls = []
+    real = resolve.resolve_config
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    # both entry points look the function up where it is defined or imported: spy on both names
+    monkeypatch.setattr(create, "resolve_config", spy)
+    monkeypatch.setattr(resolve, "resolve_config", spy)
+    repghost.create_model("repghostnet_050", num_classes=10, pretrained=path)
+    assert len(calls) == 1
+    model_from_checkpoint(path)
+    assert len(calls) == 2
 
 
 def test_the_variant_table_is_the_configs_fields():

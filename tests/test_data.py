@@ -62,15 +62,23 @@ def test_fashion_mnist_from_flat_gz_files(tmp_path, monkeypatch):
     root = tmp_path / "fashion-mnist"
     root.mkdir()
     rng = np.random.default_rng(0)
+    written = {}
     for split, n in (("train", 12), ("t10k", 5)):
-        _write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+        written[split] = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        _write_idx(root / f"{split}-images-idx3-ubyte.gz", written[split][0])
+        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", written[split][1])
+    # read back exactly: every image's pixels and every label, in order, from both splits
+    for split, name in (("train", "train"), ("val", "t10k")):
+        raw, _ = build_dataset("fashion_mnist", split, root=root)
+        images, labels = written[name]
+        assert [int(raw[i][1]) for i in range(len(raw))] == labels.tolist()
+        assert all(np.array_equal(np.asarray(raw[i][0]), images[i]) for i in range(len(raw)))
     tf = build_transform(32, train=False, crop_pct=1.0)
     train, spec = build_dataset("fashion_mnist", "train", root=root, transform=tf)
     val, _ = build_dataset("fashion_mnist", "val", root=root, transform=tf)
     assert (len(train), len(val), spec.num_classes) == (12, 5, 10)
     image, label = train[0]
-    assert image.shape == (3, 32, 32) and 0 <= label < 10  # grayscale became 3-channel
+    assert image.shape == (3, 32, 32) and label == written["train"][1][0]  # grayscale became 3-channel
 
 
 def test_fashion_mnist_missing_says_where_to_get_it(tmp_path):

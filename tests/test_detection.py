@@ -254,10 +254,19 @@ def test_detection_training_leaves_cudnn_benchmark_off(tmp_path, synth, monkeypa
         asked.update(kw)
         raise Stop  # nothing else of the run is needed
 
+    real = detect_train.configure_backends
     monkeypatch.setattr(detect_train, "configure_backends", spy)
     with pytest.raises(Stop):
         detect_train.train_detector(_tiny_config(synth, tmp_path / "run"))
     assert asked == {"fixed_shapes": False}
+    # and what the detection trainer asks leaves the benchmark off on a CUDA device (the setting is global)
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        real(torch.device("cuda"), deterministic=False, **asked)
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def test_seeds_draw_independent_epochs(tmp_path, synth):
@@ -333,8 +342,14 @@ def test_a_resumed_run_makes_the_same_updates(tmp_path, synth):
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, synth):
     from repghost.training.epoch import NonFiniteLossError
 
-    with pytest.raises(NonFiniteLossError, match="non-finite"):
-        train_detector(_tiny_config(synth, tmp_path / "nan", epochs=1, lr=1e30, clip_grad=None, warmup_epochs=0.0, max_steps_per_epoch=3))
+    from repghost.detection.train import resume_detect_config
+
+    train_detector(_tiny_config(synth, tmp_path / "nan", epochs=1, max_steps_per_epoch=3))
+    before = (tmp_path / "nan" / "last.pth").read_bytes()
+    blown = resume_detect_config(str(tmp_path / "nan"), {"epochs": 2, "lr": 1e30, "clip_grad": None, "warmup_epochs": 0.0})
+    with pytest.raises(NonFiniteLossError, match="non-finite.*the last good checkpoint is"):
+        train_detector(blown, resume=True)
+    assert (tmp_path / "nan" / "last.pth").read_bytes() == before
 
 
 @pytest.mark.slow
@@ -426,7 +441,20 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
         assert b["bbox_AP50"]["n"] == 2 and b["bbox_AP50"]["std"] is not None
         assert b["parameters"] > 0 and b["macs"] > 0 and set(b["latency"]) == {"eager", "onnxruntime"}
     assert [(c["metric"], c["worse"]) for c in report["comparisons"]] == [("bbox_AP50", "ghostnet_050"), ("last_bbox_AP50", "ghostnet_050")]
-    assert all("verdict" in c for c in report["comparisons"])
+    for c in report["comparisons"]:  # each comparison is Welch's test on these runs' own values
+        a = [r[c["metric"]] for r in report["runs"] if r["backbone"] == "repghostnet_050"]
+        b = [r[c["metric"]] for r in report["runs"] if r["backbone"] == c["worse"]]
+        assert len(a) == len(b) == 2 and c["difference"] == pytest.approx(sum(a) / 2 - sum(b) / 2)
+        if c["p"] is None:  # the tiny runs may score alike: no spread, no test
+            assert c["verdict"] == "not resolved at this scale"
+            continue
+        import scipy.stats
+
+        ref = scipy.stats.ttest_ind(a, b, equal_var=False)
+        assert c["p"] == pytest.approx(ref.pvalue)
+        assert (c["ci_low"], c["ci_high"]) == tuple(pytest.approx(x) for x in ref.confidence_interval(0.95))
+        assert c["verdict"] == ("holds" if ref.pvalue < 0.05 and c["difference"] > 0 else
+                                "contradicted" if ref.pvalue < 0.05 else "not resolved at this scale")
     for r in report["runs"]:  # the last evaluation is read from the run's own records
         last = [json.loads(line) for line in (tmp_path / "out" / r["run"] / "metrics.jsonl").read_text().splitlines()][-1]
         assert r["last_bbox_AP50"] == last["bbox_AP50"] and r["last_bbox_AP"] == last["bbox_AP"]
@@ -537,6 +565,7 @@ def test_precise_bn_recomputes_trained_statistics_the_same_way_for_every_momentu
             if isinstance(m, _BatchNorm):
                 m.momentum = 0.5 if m.momentum == 0.01 else 0.01
         trained = trained_batchnorms(a)
+        momenta_a, momenta_b = [m.momentum for m in trained], [m.momentum for m in trained_batchnorms(b)]
         frozen = [m for m in a.backbone.body.modules() if isinstance(m, _BatchNorm) and not any(m is t for t in trained)]
         assert trained and frozen
         frozen_before = [m.running_mean.clone() for m in frozen]
@@ -552,7 +581,9 @@ def test_precise_bn_recomputes_trained_statistics_the_same_way_for_every_momentu
             torch.testing.assert_close(x.running_mean, y.running_mean, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(x.running_var, y.running_var, rtol=1e-4, atol=1e-6)
         assert all(torch.equal(before, m.running_mean) for before, m in zip(frozen_before, frozen))
-        assert trained[0].momentum in (0.1, 0.01) and a.training  # momentum and mode restored
+        # every BatchNorm's own momentum and the training mode are restored
+        assert [m.momentum for m in trained] == momenta_a and [m.momentum for m in trained_batchnorms(b)] == momenta_b
+        assert a.training and b.training
 
 
 def test_training_and_evaluation_share_one_geometry(synth):

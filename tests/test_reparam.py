@@ -179,7 +179,14 @@ def test_folding_keeps_gradients_flowing():
     block = randomize_bn(ConvNorm(4, 4, 3, groups=4))
     w, b = block.equivalent_kernel_bias()
     (w.sum() + b.sum()).backward()
-    assert block.bn.weight.grad is not None and block.conv.weight.grad is not None
+    # w = W * g / s and b = beta - mean * g / s per output channel (s = sqrt(var + eps)), so the
+    # gradients of sum(w) + sum(b) are: d/dW = g / s, d/dg = (sum(W_c) - mean) / s, d/dbeta = 1
+    bn, weight = block.bn, block.conv.weight.detach()
+    s = (bn.running_var + bn.eps).sqrt()
+    scale = (bn.weight.detach() / s).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(block.conv.weight.grad, scale.expand_as(weight))
+    torch.testing.assert_close(bn.weight.grad, (weight.sum(dim=(1, 2, 3)) - bn.running_mean) / s)
+    torch.testing.assert_close(bn.bias.grad, torch.ones_like(bn.bias))
 
 
 # ---- forms ---------------------------------------------------------------------------------------

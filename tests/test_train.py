@@ -48,11 +48,17 @@ def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
     return load_config(None, values)
 
 
-def test_the_loops_public_names_and_user_errors():
-    """Importable from repghost.training.loop (benchmarks and users do); user errors print as one line."""
+def test_the_loops_public_names_and_user_errors(tmp_path, capsys):
+    """Importable from repghost.training.loop (benchmarks and users do); user errors (ValueError
+    subclasses such as RunDirError) reach the CLI user as one line on stderr and exit 2, no traceback."""
     assert all(callable(f) for f in (train, train_step, resume_config, TrainResult, TrainCallbacks))
     assert issubclass(RunDirError, ValueError) and issubclass(NoTrainingStepError, ValueError)
     assert issubclass(NonFiniteLossError, RuntimeError)
+    from repghost.cli import main
+
+    assert main(["train", "--resume", str(tmp_path / "nothing-here")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nothing to resume" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 # ---- configs ----------------------------------------------------------------------------------
@@ -430,13 +436,36 @@ def test_run_directory_protection(tmp_path):
 
 
 @pytest.mark.slow
-def test_amp_clip_and_compile_code_paths_on_cpu(tmp_path):
-    """The CUDA options' code paths (autocast + GradScaler, clipping, torch.compile) run on CPU."""
+def test_amp_clip_and_compile_code_paths_on_cpu(tmp_path, monkeypatch):
+    """The CUDA options' code paths (autocast + GradScaler, clipping, torch.compile) run on CPU, and
+    each of them really runs: bf16 autocast entered, gradients clipped at the asked norm, a graph compiled."""
+    import math
+
+    import torch._dynamo.utils as dynamo_utils
+    from torch import nn
+
+    autocasts, clips = [], []
+    real_autocast, real_clip = torch.autocast, nn.utils.clip_grad_norm_
+
+    def autocast_spy(device_type, *args, **kwargs):
+        autocasts.append((device_type, kwargs.get("dtype")))
+        return real_autocast(device_type, *args, **kwargs)
+
+    def clip_spy(parameters, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return real_clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", autocast_spy)
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", clip_spy)
+    dynamo_utils.counters.clear()
     cfg = tiny(tmp_path, epochs=1, amp_cpu=True, clip_grad=1.0, compile=True, compile_backend="aot_eager",
                max_steps_per_epoch=2, tensorboard=True)
     result = train(cfg)
     record = json.loads((result.run_dir / "metrics.jsonl").read_text())
-    assert record["train_images"] == 64 and record["train_loss"] == record["train_loss"]  # finite
+    assert record["train_images"] == 64 and math.isfinite(record["train_loss"])
+    assert ("cpu", torch.bfloat16) in autocasts
+    assert clips == [1.0, 1.0]  # one clip per optimization step, at clip_grad
+    assert dynamo_utils.counters["stats"]["unique_graphs"] >= 1
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
