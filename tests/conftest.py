@@ -45,17 +45,35 @@ def pytest_collection_modifyitems(config, items) -> None:
         items.sort(key=lambda item: (item.get_closest_marker("longest") is None, item.get_closest_marker("slow") is None))
 
 
+# The network tier's one allowed skip: pip's package index does not answer (tests/test_detection_sources.py).
+OFFLINE_SKIP = "pip's package index does not answer"
+
+
+def _no_skips() -> bool:
+    return os.environ.get("REPGHOST_NO_SKIPS") == "1"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """With ``REPGHOST_NO_SKIPS=1`` a skipped test is reported as failed. CI sets it (`.ci/run`): CI
     reaches the package registries and installs every pinned runtime, so a skip there means something
     broke (a runtime missing, a data file absent), not that the test does not apply. Offline users keep
-    the skips. The `network` tier (PyPI archives) may still skip, but only when pip's index does not
-    answer (tests/test_detection_sources.py: a failed fetch with the index answering fails)."""
+    the skips. The one skip allowed: a `network` test whose PyPI archive cannot be fetched because
+    pip's index does not answer at all (a failed fetch with the index answering fails)."""
     outcome = yield
     report = outcome.get_result()
-    # The `network` tier keeps its skip: it skips only when pip's index does not answer at all.
-    if (os.environ.get("REPGHOST_NO_SKIPS") == "1" and report.skipped and not hasattr(report, "wasxfail")
-            and item.get_closest_marker("network") is None):
+    if _no_skips() and report.skipped and not hasattr(report, "wasxfail"):
+        if item.get_closest_marker("network") is not None and OFFLINE_SKIP in str(report.longrepr):
+            return
         report.outcome = "failed"
         report.longrepr = f"skipped, and REPGHOST_NO_SKIPS=1 allows no skip: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped when collected (a module-level ``pytest.importorskip``)."""
+    outcome = yield
+    report = outcome.get_result()
+    if _no_skips() and report.outcome == "skipped":
+        report.outcome = "failed"
+        report.longrepr = f"module skipped, and REPGHOST_NO_SKIPS=1 allows no skip: {report.longrepr}"

@@ -166,11 +166,13 @@ def test_sweep_writes_every_run_and_resumes_a_killed_one(tmp_path):
     expected = welch_t(ema["repghost"], ema["no-reparam"])
     for key in ("difference", "t", "dof", "p", "ci_low", "ci_high"):
         assert cmp["top1_ema"][key] == pytest.approx(expected[key]), key
-    assert expected["p"] is not None  # scipy is in the environment (requirements.txt): every test has its p-value
-    significant = expected["p"] < 0.05
-    assert cmp["verdict"] == ("holds" if significant and expected["difference"] > 0 else
-                              "contradicted" if significant else "not resolved at this scale")
-    assert expected["ci_low"] <= expected["difference"] <= expected["ci_high"]
+    if expected["p"] is None:  # the tiny runs may score alike (no spread between seeds): no test possible
+        assert cmp["verdict"] == "not resolved at this scale"
+    else:
+        significant = expected["p"] < 0.05
+        assert cmp["verdict"] == ("holds" if significant and expected["difference"] > 0 else
+                                  "contradicted" if significant else "not resolved at this scale")
+        assert expected["ci_low"] <= expected["difference"] <= expected["ci_high"]
     assert (out / "ablation.md").read_text().startswith("# Ablation study")
     assert result.png_path is not None and result.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib is pinned
 

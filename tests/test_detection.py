@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-pytest.importorskip("pycocotools")
+import pycocotools  # noqa: E402,F401  pinned (requirements.txt): missing, the module fails, never skips
 
 from conftest import randomize_bn  # noqa: E402
 from repghost import create_model, model_form, reparameterize_model, save_checkpoint  # noqa: E402
@@ -346,7 +346,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
 
     train_detector(_tiny_config(synth, tmp_path / "nan", epochs=1, max_steps_per_epoch=3))
     before = (tmp_path / "nan" / "last.pth").read_bytes()
-    blown = resume_detect_config(str(tmp_path / "nan"), {"epochs": 2, "lr": 1e30, "clip_grad": None, "warmup_epochs": 0.0})
+    blown = resume_detect_config(str(tmp_path / "nan"), {"epochs": 2, "lr": 1e30, "warmup_epochs": 0.0})
     with pytest.raises(NonFiniteLossError, match="non-finite.*the last good checkpoint is"):
         train_detector(blown, resume=True)
     assert (tmp_path / "nan" / "last.pth").read_bytes() == before
@@ -470,6 +470,10 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     with pytest.raises(StaleRunError, match=r"repghostnet_050-seed0 was started .*lr: stored .*asked 0\.5"):
         run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **dict(study, overrides={**study["overrides"], "lr": 0.5}), latency_rounds=0)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    # a killed run may resume with more epochs (resuming extends it): not refused
+    longer = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", latency_rounds=0, only_seeds=[0],
+                                 **dict(study, backbones=("repghostnet_050",), overrides={**study["overrides"], "epochs": 2}))
+    assert longer is None and json.loads((tmp_path / "out" / "runs" / "repghostnet_050-seed0" / "final.json").read_text())["epochs"] == 2
 
 
 @pytest.mark.parametrize("bad, named", [(["--only-seeds", "a"], "--only-seeds"), (["--only-seeds", ","], "--only-seeds"),

@@ -457,6 +457,7 @@ def test_amp_clip_and_compile_code_paths_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "autocast", autocast_spy)
     monkeypatch.setattr(nn.utils, "clip_grad_norm_", clip_spy)
+    torch._dynamo.reset()  # no compile cache or recompile limit left by earlier tests in this process
     dynamo_utils.counters.clear()
     cfg = tiny(tmp_path, epochs=1, amp_cpu=True, clip_grad=1.0, compile=True, compile_backend="aot_eager",
                max_steps_per_epoch=2, tensorboard=True)
