@@ -424,6 +424,16 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     assert run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **study, latency_rounds=0, only_seeds=[1]) is None
     assert sorted(p.parent.name for p in (tmp_path / "out" / "runs").glob("*/final.json")) == ["ghostnet_050-seed1", "repghostnet_050-seed1"]
     assert not (tmp_path / "out" / "detection.json").exists()
+    # --status reads where the study stands from the run folders
+    from repghost.ablation.detection import study_status
+
+    rows = study_status(tmp_path / "study.yaml", tmp_path / "out", backbones=study["backbones"], seeds=2)
+    assert [(r["run"], r["state"], r["epochs_done"], r["epochs"]) for r in rows] == [
+        ("repghostnet_050-seed0", "not started", 0, 1), ("ghostnet_050-seed0", "not started", 0, 1),
+        ("repghostnet_050-seed1", "finished", 1, 1), ("ghostnet_050-seed1", "finished", 1, 1)]
+    for r in rows[2:]:
+        last = json.loads((tmp_path / "out" / "runs" / r["run"] / "metrics.jsonl").read_text().splitlines()[-1])
+        assert (r["last_eval_epoch"], r["last_bbox_AP50"]) == (1, last["bbox_AP50"])
     for wrong in ([2], []):
         with pytest.raises(ValueError, match="only-seeds"):
             run_detection_study(tmp_path / "study.yaml", tmp_path / "out", **study, only_seeds=wrong)
@@ -474,6 +484,15 @@ def test_backbone_study_runs_every_backbone_and_seed_once(tmp_path, synth):
     longer = run_detection_study(tmp_path / "study.yaml", tmp_path / "out", latency_rounds=0, only_seeds=[0],
                                  **dict(study, backbones=("repghostnet_050",), overrides={**study["overrides"], "epochs": 2}))
     assert longer is None and json.loads((tmp_path / "out" / "runs" / "repghostnet_050-seed0" / "final.json").read_text())["epochs"] == 2
+
+
+def test_compare_status_of_a_study_not_started_trains_and_makes_nothing(tmp_path, capsys):
+    out = tmp_path / "study"
+    config = Path(__file__).parents[1] / "configs/detection/deepforest_retinanet.yaml"
+    assert main(["detect", "compare", "--config", str(config), "--output", str(out), "--status"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("| not started | 0 of 320 |") == 9 and "0 of 9 runs finished" in text
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("bad, named", [(["--only-seeds", "a"], "--only-seeds"), (["--only-seeds", ","], "--only-seeds"),

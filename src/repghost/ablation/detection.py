@@ -25,7 +25,7 @@ from ..models.complexity import count_macs, count_params
 from .stats import mean_std
 from .sweep import StaleRunError, _verdict, check_same_config, measure_latency
 
-__all__ = ["run_detection_study", "detection_table"]
+__all__ = ["run_detection_study", "study_status", "detection_table"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -67,6 +67,38 @@ def _last_evaluation(run_dir: Path) -> Dict[str, Any]:
         if "bbox_AP50" in record:
             last = record
     return {f"last_{m}": last.get(m) for m in METRICS}
+
+
+def study_status(
+    config: Union[str, os.PathLike],
+    output: Union[str, os.PathLike],
+    *,
+    backbones: Sequence[str] = ("repghostnet_100", "mobilenet_v3_large", "ghostnet_100"),
+    seeds: int = 3,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> List[Dict[str, Any]]:
+    """Where a study stands, read from its run folders (nothing is trained or written): per
+    (seed, backbone), ``state`` (``finished``, ``running or killed``, ``not started``), the epochs done
+    of ``epochs``, and the last evaluation's epoch and box AP50. For studies spread over sittings."""
+    import yaml
+
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    values = dict(yaml.safe_load(Path(config).read_text()) or {})
+    values.update(overrides or {})
+    rows = []
+    for k in range(seeds):
+        for backbone in backbones:
+            run_dir = Path(output) / "runs" / f"{backbone}-seed{k}"
+            metrics = run_dir / "metrics.jsonl"
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+            evaluated = [r for r in records if "bbox_AP50" in r]
+            state = ("finished" if (run_dir / "final.json").is_file() else
+                     "running or killed" if records or (run_dir / "last.pth").is_file() else "not started")
+            rows.append({"run": run_dir.name, "state": state, "epochs_done": len(records), "epochs": int(values.get("epochs", 0)),
+                         "last_eval_epoch": evaluated[-1]["epoch"] + 1 if evaluated else None,
+                         "last_bbox_AP50": evaluated[-1]["bbox_AP50"] if evaluated else None})
+    return rows
 
 
 def _deployed_core(backbone: str, values: Mapping[str, Any], num_classes: int):

