@@ -493,6 +493,13 @@ def test_compare_status_of_a_study_not_started_trains_and_makes_nothing(tmp_path
     text = capsys.readouterr().out
     assert text.count("| not started | 0 of 320 |") == 9 and "0 of 9 runs finished" in text
     assert not out.exists()
+    # a run being written right now: its last metrics line may be half-written; status reads the complete ones
+    run = out / "runs" / "ghostnet_100-seed1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 1.0}) + "\n"
+                                       + json.dumps({"epoch": 1, "train_loss": 0.9, "bbox_AP50": 0.125}) + "\n" + '{"epoch": 2, "tra')
+    assert main(["detect", "compare", "--config", str(config), "--output", str(out), "--status"]) == 0
+    assert "| ghostnet_100-seed1 | running or killed | 2 of 320 | epoch 2 | 0.125 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bad, named", [(["--only-seeds", "a"], "--only-seeds"), (["--only-seeds", ","], "--only-seeds"),

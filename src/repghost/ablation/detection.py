@@ -91,7 +91,7 @@ def study_status(
         for backbone in backbones:
             run_dir = Path(output) / "runs" / f"{backbone}-seed{k}"
             metrics = run_dir / "metrics.jsonl"
-            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+            records = _records_so_far(metrics)
             evaluated = [r for r in records if "bbox_AP50" in r]
             state = ("finished" if (run_dir / "final.json").is_file() else
                      "running or killed" if records or (run_dir / "last.pth").is_file() else "not started")
@@ -99,6 +99,19 @@ def study_status(
                          "last_eval_epoch": evaluated[-1]["epoch"] + 1 if evaluated else None,
                          "last_bbox_AP50": evaluated[-1]["bbox_AP50"] if evaluated else None})
     return rows
+
+
+def _records_so_far(metrics: Path) -> List[Dict[str, Any]]:
+    """A running run's metrics.jsonl: every complete line (the last may be half-written right now)."""
+    if not metrics.is_file():
+        return []
+    records = []
+    for line in metrics.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _deployed_core(backbone: str, values: Mapping[str, Any], num_classes: int):
