@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75")
 LAST = tuple(f"last_{m}" for m in METRICS)
+DEFAULT_BACKBONES = ("repghostnet_100", "mobilenet_v3_large", "ghostnet_100")
 
 
 def _run(values: Dict[str, Any], run_dir: Path, say: Progress) -> Dict[str, Any]:
@@ -61,11 +62,8 @@ def _run(values: Dict[str, Any], run_dir: Path, say: Progress) -> Dict[str, Any]
 def _last_evaluation(run_dir: Path) -> Dict[str, Any]:
     """The metrics of the run's last evaluation (its final epoch), from ``metrics.jsonl``. Unlike
     the best epoch's, these are not selected on the validation set, so they carry no selection bias."""
-    last: Dict[str, Any] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "bbox_AP50" in record:
-            last = record
+    evaluated = [r for r in _records_so_far(run_dir / "metrics.jsonl") if "bbox_AP50" in r]
+    last = evaluated[-1] if evaluated else {}
     return {f"last_{m}": last.get(m) for m in METRICS}
 
 
@@ -73,7 +71,7 @@ def study_status(
     config: Union[str, os.PathLike],
     output: Union[str, os.PathLike],
     *,
-    backbones: Sequence[str] = ("repghostnet_100", "mobilenet_v3_large", "ghostnet_100"),
+    backbones: Sequence[str] = DEFAULT_BACKBONES,
     seeds: int = 3,
     overrides: Optional[Mapping[str, Any]] = None,
 ) -> List[Dict[str, Any]]:
@@ -130,7 +128,7 @@ def run_detection_study(
     config: Union[str, os.PathLike],
     output: Union[str, os.PathLike],
     *,
-    backbones: Sequence[str] = ("repghostnet_100", "mobilenet_v3_large", "ghostnet_100"),
+    backbones: Sequence[str] = DEFAULT_BACKBONES,
     seeds: int = 3,
     overrides: Optional[Mapping[str, Any]] = None,
     latency_rounds: int = 50,
