@@ -18,6 +18,14 @@ phase (every round runs each file once, in a rotating order); medians and the me
 the per-round ratios to fp32. Writes OUT/onnx_weights_<cpu tag>.json and .md, the CPU's model name
 and int8 flags beside the figures (the saturation depends on them: a VNNI CPU shows what the file
 computes on the newest x86 CPUs, an AVX2 one what it computes on older ones).
+
+Without an AVX2-only CPU at hand, the accuracy part runs under qemu's user-mode emulator, whose
+Haswell model reports AVX2 without AVX-512 or VNNI through CPUID (what ONNX Runtime's kernel
+dispatch reads) and computes its integer instructions exactly; its times mean nothing, so latency
+is refused there, and the record is tagged ``-emulated``:
+
+    qemu-x86_64 -cpu Haswell .venv/bin/python benchmarks/ort_int8_weights.py --checkpoint RUN/best.pth \
+        --rounds 0 --run-under "qemu-x86_64 -cpu Haswell" --out docs/results/int8
 """
 
 from __future__ import annotations
@@ -134,13 +142,22 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["repghostnet_050", "repghostnet_100"])
     p.add_argument("--rounds", type=int, default=300, help="latency rounds (0: accuracy only)")
     p.add_argument("--out", required=True)
+    p.add_argument("--run-under", default="", metavar="CMD",
+                   help="the emulator this runs under, written before the command in the record (e.g. 'qemu-x86_64 -cpu Haswell')")
     args = p.parse_args()
     torch.set_num_threads(1)
     cpu = cpu_int8_features()
     tag = "vnni" if cpu.get("vnni") else "avx512-no-vnni" if cpu.get("avx512f") else "avx2" if cpu.get("avx2") else "other"
+    if cpu.get("cpuid_agrees") is False:  # e.g. under `qemu-x86_64 -cpu Haswell`: exact integer results, meaningless times
+        tag += "-emulated"
+        if args.rounds > 0:
+            p.error("this CPU's CPUID differs from /proc/cpuinfo (an emulator?): its times mean nothing; pass --rounds 0")
+        if not args.run_under:
+            p.error("this CPU's CPUID differs from /proc/cpuinfo (an emulator?): name it with --run-under for the record")
+    argv = [a for a in sys.argv[1:] if a != "--run-under" and a != args.run_under and not a.startswith("--run-under=")]
     record = {
-        "command": "python benchmarks/ort_int8_weights.py " + " ".join(
-            a if not os.path.isabs(a) or a.startswith("/usr/share") else Path(a).name for a in sys.argv[1:]),
+        "command": (args.run_under + " " if args.run_under else "") + "python benchmarks/ort_int8_weights.py " + " ".join(
+            a if not os.path.isabs(a) or a.startswith("/usr/share") else Path(a).name for a in argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu, "cpu_count": os.cpu_count(),
         "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
@@ -150,25 +167,35 @@ def main() -> int:
     previous = out / f"onnx_weights_{tag}.json"
     if previous.is_file():  # one part at a time (e.g. accuracy while the machine is busy, latency when quiet)
         old = json.loads(previous.read_text())
-        record.update({k: old[k] for k in ("accuracy", "latency") if k in old})
+        parts = [k for k in ("accuracy", "latency") if k in old]
+        record.update({k: old[k] for k in parts})
+        record["dates"] = old.get("dates") or {k: old["date"] for k in parts}  # older records: one date, the last part's
         record["command"] = old.get("command", "") + " ; " + record["command"]
+    record.setdefault("dates", {})
     if args.checkpoint:
         record["accuracy"] = accuracy(args)
+        record["dates"]["accuracy"] = record["date"]
     if args.rounds > 0:
         record["latency"] = latency(args.models, args.rounds)
+        record["dates"]["latency"] = record["date"]
     (out / f"onnx_weights_{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# ONNX int8 weight schemes on {cpu.get('model', '?')} (AVX2 {cpu.get('avx2')}, AVX-512 {cpu.get('avx512f')}, "
-             f"VNNI {cpu.get('vnni')})", "", f"`{record['command']}`, {record['date']}", ""]
+    where = (f"a CPU whose CPUID differs from the host's /proc/cpuinfo ({cpu.get('model', '?')}): an emulator or a masked VM"
+             if cpu.get("cpuid_agrees") is False else cpu.get("model", "?"))
+    lines = [f"# ONNX int8 weight schemes on {where} (AVX2 {cpu.get('avx2')}, AVX-512 {cpu.get('avx512f')}, "
+             f"VNNI {cpu.get('vnni')}, from CPUID)", "", f"`{record['command']}`, {record['date']}", ""]
     if "accuracy" in record:
         acc = record["accuracy"]
-        lines += [f"Accuracy on {acc['images']} validation images (calibration: {acc['calibration_images']} training images):", "",
+        lines += [f"Accuracy ({record['dates'].get('accuracy', '?')}) on {acc['images']} validation images "
+                  f"(calibration: {acc['calibration_images']} training images):", "",
                   "| weights | top-1 | agreement with float | max logit error / range | largest int8 weight |", "|---|---|---|---|---|"]
         for k, v in acc["rows"].items():
             lines.append(f"| {k} | {v['top1']:.2f} | {v.get('top1_agreement', 1.0):.4f} | {v.get('max_rel_logit_error', 0):.3f} | "
                          f"{v.get('weight_range') if v.get('weight_range') is not None else '-'} |")
         lines.append("")
-    lines += ["Latency, 224 px, batch 1, 1 thread, one interleaved phase: median ms (ratio to fp32, median [IQR] of per-round ratios):", "",
-              "| model | " + " | ".join(["fp32", *ONNX_WEIGHT_SCHEMES]) + " |", "|---|" + "---|" * (1 + len(ONNX_WEIGHT_SCHEMES))]
+    if "latency" in record:
+        lines += [f"Latency ({record['dates'].get('latency', '?')}), 224 px, batch 1, 1 thread, one interleaved phase: "
+                  "median ms (ratio to fp32, median [IQR] of per-round ratios):", "",
+                  "| model | " + " | ".join(["fp32", *ONNX_WEIGHT_SCHEMES]) + " |", "|---|" + "---|" * (1 + len(ONNX_WEIGHT_SCHEMES))]
     for name, row in record.get("latency", {}).get("models", {}).items():
         cells = [f"{row[k]['median_ms']:.2f} ({row[k]['ratio_to_fp32']:.2f} [{row[k]['ratio_iqr'][0]:.2f}, {row[k]['ratio_iqr'][1]:.2f}])"
                  for k in ["fp32", *ONNX_WEIGHT_SCHEMES]]

@@ -333,3 +333,44 @@ def test_an_8bit_int8_file_is_warned_about_only_on_a_cpu_without_vnni(tmp_path, 
         with caplog.at_level(logging.WARNING, logger=q.__name__):
             q._warn_if_saturates(path)
         assert ("no VNNI" in caplog.text) is warned, (vnni, path.name)
+
+
+def test_int8_cpu_flags_come_from_cpuid_not_from_proc_cpuinfo(monkeypatch):
+    """ONNX Runtime picks its int8 kernels from CPUID; /proc/cpuinfo names the host's CPU, which an
+    emulator (qemu-x86_64 -cpu Haswell) or a masked VM contradicts. The flags must be CPUID's, and the
+    disagreement must show."""
+    import builtins
+    import io
+    import platform
+
+    import torch
+
+    from repghost.deploy import quantize as q
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert q.cpu_int8_features() == {}  # no x86 int8 kernels to describe
+        return
+    cpuid = {"avx2": torch.cpu._is_avx2_supported(), "avx512f": torch.cpu._is_avx512_supported(),
+             "vnni": torch.cpu._is_vnni_supported()}
+    real_open = builtins.open
+
+    def fake_proc(flags):
+        def opener(path, *args, **kwargs):
+            if str(path) == "/proc/cpuinfo":
+                return io.StringIO(f"model name\t: Host CPU\nflags\t\t: fpu sse {flags}\n")
+            return real_open(path, *args, **kwargs)
+        return opener
+
+    # /proc/cpuinfo claims every int8 flag: the result is still CPUID's (VNNI too, unless AVX-VNNI is really there)
+    monkeypatch.setattr(builtins, "open", fake_proc("avx2 avx512f avx512_vnni"))
+    got = q.cpu_int8_features()
+    assert got["model"] == "Host CPU"
+    assert {k: got[k] for k in ("avx2", "avx512f")} == {k: cpuid[k] for k in ("avx2", "avx512f")}
+    assert got["vnni"] is cpuid["vnni"]
+    assert got["cpuid_agrees"] is (cpuid == {"avx2": True, "avx512f": True, "vnni": True})
+    # /proc/cpuinfo claims none: CPUID's flags again, and the disagreement says so wherever CPUID has any
+    monkeypatch.setattr(builtins, "open", fake_proc(""))
+    got = q.cpu_int8_features()
+    assert {k: got[k] for k in cpuid} == cpuid
+    assert got["cpuid_agrees"] is (not any(cpuid.values()))
+    assert q.int8_flag_names(got) == [k for k in ("avx2", "avx512f", "vnni") if cpuid[k]]

@@ -109,7 +109,7 @@ def environment(threads: int) -> Dict[str, object]:
 
     from ..deploy.quantize import cpu_int8_features
 
-    cpu = cpu_int8_features()  # the model name and the flags that decide the int8 kernels (empty off Linux)
+    cpu = cpu_int8_features()  # the model name and the flags that decide the int8 kernels (empty off x86)
     env: Dict[str, object] = dict(
         cpu=cpu.get("model") or platform.processor() or platform.machine(),
         cpu_flags={k: v for k, v in cpu.items() if k != "model"},

@@ -164,23 +164,42 @@ def onnx_metadata(path: PathLike) -> Dict[str, str]:
 
 
 def cpu_int8_features() -> Dict[str, Any]:
-    """This CPU's model name and the x86 flags that decide how int8 kernels compute (Linux's
-    /proc/cpuinfo; empty elsewhere): ``avx2``, ``avx512f``, and ``vnni`` (AVX-512 VNNI or AVX-VNNI,
-    whose int8 dot products accumulate in 32 bits and cannot saturate)."""
+    """This x86 CPU's model name and the flags that decide how ONNX Runtime's int8 kernels compute:
+    ``avx2``, ``avx512f`` and ``vnni`` (AVX-512 VNNI or AVX-VNNI, whose int8 dot products accumulate
+    in 32 bits and cannot saturate); empty on other machines.
+
+    The flags come from the CPUID instruction (torch's cpuinfo helpers), which is what ONNX
+    Runtime's kernel dispatch reads too; /proc/cpuinfo names the host's CPU, which can differ (a VM
+    with masked features, or an emulator such as ``qemu-x86_64 -cpu Haswell``). ``cpuid_agrees``
+    says whether both tell the same; when they do not, the model name is the host's, not the CPU
+    the code runs on."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return {}
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
-        return {}
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return {"model": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "vnni": bool(flags & {"avx512_vnni", "avx_vnni"})}
+        text = ""
+    lines = text.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    listed = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    proc = {"avx2": "avx2" in listed, "avx512f": "avx512f" in listed, "vnni": bool(listed & {"avx512_vnni", "avx_vnni"})}
+    helpers = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("avx2", "avx512", "vnni")]
+    if not all(helpers):  # an older torch without them: /proc/cpuinfo is all there is
+        return {"model": model, **proc, "cpuid_agrees": None}
+    avx2, avx512, vnni = (bool(helper()) for helper in helpers)
+    # torch's VNNI helper checks AVX-512 VNNI only; AVX-VNNI (no AVX-512) is taken from /proc/cpuinfo
+    # when that describes this CPU (its AVX-512 flag matches CPUID's).
+    vnni = vnni or ("avx_vnni" in listed and proc["avx512f"] == avx512)
+    found = {"avx2": avx2, "avx512f": avx512, "vnni": vnni}
+    return {"model": model, **found, "cpuid_agrees": found == proc if listed else None}
 
 
 def int8_flag_names(features: Mapping[str, Any]) -> List[str]:
     """The flags of :func:`cpu_int8_features` that this CPU has, in its order (``["avx2", "vnni"]``)."""
-    return [name for name, on in features.items() if name != "model" and on is True]
+    return [name for name in ("avx2", "avx512f", "vnni") if features.get(name) is True]
 
 
 def onnx_weight_range(path: PathLike) -> int:
