@@ -154,7 +154,14 @@ def main() -> int:
             p.error("this CPU's CPUID differs from /proc/cpuinfo (an emulator?): its times mean nothing; pass --rounds 0")
         if not args.run_under:
             p.error("this CPU's CPUID differs from /proc/cpuinfo (an emulator?): name it with --run-under for the record")
-    argv = [a for a in sys.argv[1:] if a != "--run-under" and a != args.run_under and not a.startswith("--run-under=")]
+    elif args.run_under:
+        p.error("--run-under names an emulator, but CPUID and /proc/cpuinfo agree here: this is not running under one")
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # the record's command without --run-under, which it writes in front instead
+        if skip or a == "--run-under" or a.startswith("--run-under="):
+            skip = a == "--run-under"
+            continue
+        argv.append(a)
     record = {
         "command": (args.run_under + " " if args.run_under else "") + "python benchmarks/ort_int8_weights.py " + " ".join(
             a if not os.path.isabs(a) or a.startswith("/usr/share") else Path(a).name for a in argv),
@@ -179,7 +186,7 @@ def main() -> int:
         record["latency"] = latency(args.models, args.rounds)
         record["dates"]["latency"] = record["date"]
     (out / f"onnx_weights_{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
-    where = (f"a CPU whose CPUID differs from the host's /proc/cpuinfo ({cpu.get('model', '?')}): an emulator or a masked VM"
+    where = (f"a CPU whose CPUID differs from the host's /proc/cpuinfo ({cpu.get('model', '?')}): a user-mode emulator"
              if cpu.get("cpuid_agrees") is False else cpu.get("model", "?"))
     lines = [f"# ONNX int8 weight schemes on {where} (AVX2 {cpu.get('avx2')}, AVX-512 {cpu.get('avx512f')}, "
              f"VNNI {cpu.get('vnni')}, from CPUID)", "", f"`{record['command']}`, {record['date']}", ""]

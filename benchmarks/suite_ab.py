@@ -118,6 +118,7 @@ def main() -> int:
 
 def _fast_tier(args: argparse.Namespace) -> int:
     from repghost.bench.report import environment
+    from repghost.deploy.quantize import int8_flag_names
 
     marker = _makefile_fast_marker()
     runs = [dict(_run("fast tier", REPO, _makefile_pytest_args() + ["-m", marker], dict(os.environ)), order=i)
@@ -128,7 +129,7 @@ def _fast_tier(args: argparse.Namespace) -> int:
     env = record["environment"]
     lines = ["# Test-suite time: the fast tier (make test-fast)\n",
              f"Written by `python {record['command']}` on {env['date']}, {env['cpu']}, {env['cpu_count']} cores "
-             f"(flags {', '.join(k for k, v in env['cpu_flags'].items() if v)}). Seconds: pytest's own summary (set-up excluded).\n",
+             f"(flags {', '.join(int8_flag_names(env['cpu_flags']))}). Seconds: pytest's own summary (set-up excluded).\n",
              "| order | commit | passed | pytest s |", "|---|---|---|---|"]
     lines += [f"| {r['order']} | {r['commit']} | {r['passed']} | {r['pytest_seconds']:.0f} |" for r in runs] + [""]
     _write(args.out, record, lines)

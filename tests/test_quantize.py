@@ -337,8 +337,8 @@ def test_an_8bit_int8_file_is_warned_about_only_on_a_cpu_without_vnni(tmp_path, 
 
 def test_int8_cpu_flags_come_from_cpuid_not_from_proc_cpuinfo(monkeypatch):
     """ONNX Runtime picks its int8 kernels from CPUID; /proc/cpuinfo names the host's CPU, which an
-    emulator (qemu-x86_64 -cpu Haswell) or a masked VM contradicts. The flags must be CPUID's, and the
-    disagreement must show."""
+    emulator (qemu-x86_64 -cpu Haswell) contradicts. The flags must be CPUID's, and the disagreement
+    must show."""
     import builtins
     import io
     import platform
@@ -347,11 +347,11 @@ def test_int8_cpu_flags_come_from_cpuid_not_from_proc_cpuinfo(monkeypatch):
 
     from repghost.deploy import quantize as q
 
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         assert q.cpu_int8_features() == {}  # no x86 int8 kernels to describe
         return
-    cpuid = {"avx2": torch.cpu._is_avx2_supported(), "avx512f": torch.cpu._is_avx512_supported(),
-             "vnni": torch.cpu._is_vnni_supported()}
+    caps = torch.cpu.get_capabilities()
+    cpuid = {"avx2": caps["avx2"], "avx512f": caps["avx512_f"], "vnni": caps["avx512_vnni"] or caps["avx_vnni"]}
     real_open = builtins.open
 
     def fake_proc(flags):
@@ -361,12 +361,10 @@ def test_int8_cpu_flags_come_from_cpuid_not_from_proc_cpuinfo(monkeypatch):
             return real_open(path, *args, **kwargs)
         return opener
 
-    # /proc/cpuinfo claims every int8 flag: the result is still CPUID's (VNNI too, unless AVX-VNNI is really there)
-    monkeypatch.setattr(builtins, "open", fake_proc("avx2 avx512f avx512_vnni"))
+    # /proc/cpuinfo claims every int8 flag: the result is still CPUID's
+    monkeypatch.setattr(builtins, "open", fake_proc("avx2 avx512f avx512_vnni avx_vnni"))
     got = q.cpu_int8_features()
-    assert got["model"] == "Host CPU"
-    assert {k: got[k] for k in ("avx2", "avx512f")} == {k: cpuid[k] for k in ("avx2", "avx512f")}
-    assert got["vnni"] is cpuid["vnni"]
+    assert got["model"] == "Host CPU" and {k: got[k] for k in cpuid} == cpuid
     assert got["cpuid_agrees"] is (cpuid == {"avx2": True, "avx512f": True, "vnni": True})
     # /proc/cpuinfo claims none: CPUID's flags again, and the disagreement says so wherever CPUID has any
     monkeypatch.setattr(builtins, "open", fake_proc(""))
@@ -374,3 +372,14 @@ def test_int8_cpu_flags_come_from_cpuid_not_from_proc_cpuinfo(monkeypatch):
     assert {k: got[k] for k in cpuid} == cpuid
     assert got["cpuid_agrees"] is (not any(cpuid.values()))
     assert q.int8_flag_names(got) == [k for k in ("avx2", "avx512f", "vnni") if cpuid[k]]
+    # an emulated Haswell on an AVX-VNNI host (/proc lists avx_vnni, CPUID does not): no VNNI, so the
+    # warning about 8-bit files stays on where they saturate
+    haswell = dict(caps, avx2=True, avx512_f=False, avx512_vnni=False, avx_vnni=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: haswell)
+    monkeypatch.setattr(builtins, "open", fake_proc("avx2 avx_vnni"))
+    got = q.cpu_int8_features()
+    assert (got["avx2"], got["avx512f"], got["vnni"], got["cpuid_agrees"]) == (True, False, False, False)
+    # AVX-VNNI without AVX-512 (CPUID): VNNI, no saturation
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(haswell, avx_vnni=True))
+    got = q.cpu_int8_features()
+    assert (got["vnni"], got["cpuid_agrees"]) == (True, True)

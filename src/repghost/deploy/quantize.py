@@ -168,11 +168,10 @@ def cpu_int8_features() -> Dict[str, Any]:
     ``avx2``, ``avx512f`` and ``vnni`` (AVX-512 VNNI or AVX-VNNI, whose int8 dot products accumulate
     in 32 bits and cannot saturate); empty on other machines.
 
-    The flags come from the CPUID instruction (torch's cpuinfo helpers), which is what ONNX
-    Runtime's kernel dispatch reads too; /proc/cpuinfo names the host's CPU, which can differ (a VM
-    with masked features, or an emulator such as ``qemu-x86_64 -cpu Haswell``). ``cpuid_agrees``
-    says whether both tell the same; when they do not, the model name is the host's, not the CPU
-    the code runs on."""
+    The flags come from the CPUID instruction (``torch.cpu.get_capabilities()``), which is what ONNX
+    Runtime's kernel dispatch reads too. /proc/cpuinfo is the kernel's view of the host CPU, which a
+    user-mode emulator (``qemu-x86_64 -cpu Haswell``) contradicts; ``cpuid_agrees`` says whether both
+    tell the same, and when they do not, the model name is the host's, not the CPU the code sees."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
@@ -186,14 +185,12 @@ def cpu_int8_features() -> Dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
     listed = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     proc = {"avx2": "avx2" in listed, "avx512f": "avx512f" in listed, "vnni": bool(listed & {"avx512_vnni", "avx_vnni"})}
-    helpers = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("avx2", "avx512", "vnni")]
-    if not all(helpers):  # an older torch without them: /proc/cpuinfo is all there is
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:  # an older torch: /proc/cpuinfo is all there is
         return {"model": model, **proc, "cpuid_agrees": None}
-    avx2, avx512, vnni = (bool(helper()) for helper in helpers)
-    # torch's VNNI helper checks AVX-512 VNNI only; AVX-VNNI (no AVX-512) is taken from /proc/cpuinfo
-    # when that describes this CPU (its AVX-512 flag matches CPUID's).
-    vnni = vnni or ("avx_vnni" in listed and proc["avx512f"] == avx512)
-    found = {"avx2": avx2, "avx512f": avx512, "vnni": vnni}
+    caps = capabilities()
+    found = {"avx2": bool(caps.get("avx2")), "avx512f": bool(caps.get("avx512_f")),
+             "vnni": bool(caps.get("avx512_vnni") or caps.get("avx_vnni"))}
     return {"model": model, **found, "cpuid_agrees": found == proc if listed else None}
 
 
