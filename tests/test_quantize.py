@@ -383,3 +383,26 @@ def test_int8_cpu_flags_come_from_cpuid_not_from_proc_cpuinfo(monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(haswell, avx_vnni=True))
     got = q.cpu_int8_features()
     assert (got["vnni"], got["cpuid_agrees"]) == (True, True)
+
+
+@pytest.mark.slow
+def test_the_inductor_int8_graph_keeps_activations_in_7_bits_on_a_cpu_without_vnni(monkeypatch):
+    """oneDNN's uint8 x int8 kernels saturate without VNNI as ONNX Runtime's do (an emulated AVX2 CPU
+    put the compiled int8 graph of tests/test_benchmark.py 15% of its largest output off): there, activations stay in [0, 127]."""
+    import torch
+
+    pytest.importorskip("torchao")
+    from repghost.deploy import quantize as q
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(8, 3, 16, 16)
+
+    def activation_ranges(graph) -> set:
+        return {int(n.args[4]) for n in graph.graph.nodes
+                if n.op == "call_function" and "quantize_per_tensor" in str(n.target) and len(n.args) > 4}
+
+    for vnni, top in ((False, 127), (True, 255)):
+        monkeypatch.setattr(q, "cpu_int8_features", lambda vnni=vnni: {"model": "x", "avx2": True, "avx512f": vnni, "vnni": vnni})
+        assert activation_ranges(q.quantize_for_inductor(model, x, reparameterize=False)) == {top}, vnni
+    assert activation_ranges(q.quantize_for_inductor(model, x, reparameterize=False, reduce_range=True)) == {127}

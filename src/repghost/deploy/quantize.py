@@ -413,16 +413,26 @@ def write_quantized(
     return atomic_write(out_path, lambda tmp: _write_int8(prepared, tmp, fmt, calibration, method, {}, onnx_weights))
 
 
-def quantize_for_inductor(model: nn.Module, calibration: torch.Tensor, *, reparameterize: bool = True) -> nn.Module:
-    """Fold ``model`` and quantize it with PyTorch's PT2E flow and the X86 inductor quantizer (int8
-    activations and per-channel int8 weights, the quantizer's default static config), calibrated on
+def quantize_for_inductor(
+    model: nn.Module, calibration: torch.Tensor, *, reparameterize: bool = True, reduce_range: Optional[bool] = None,
+) -> nn.Module:
+    """Fold ``model`` and quantize it with PyTorch's PT2E flow and the X86 inductor quantizer (uint8
+    activations and per-channel int8 weights, the quantizer's static config), calibrated on
     ``calibration``. Returns the converted graph module; compile it with freezing on
-    (:func:`repghost.deploy.compiled.compile_for_cpu`) so inductor lowers it to oneDNN int8 kernels."""
+    (:func:`repghost.deploy.compiled.compile_for_cpu`) so inductor lowers it to oneDNN int8 kernels.
+
+    ``reduce_range`` (default: on where this CPU has no VNNI) keeps activations in [0, 127]: without
+    VNNI, oneDNN's uint8 x int8 kernels add pairs of products in 16 bits and saturate (the same
+    cause as ONNX Runtime's, see ``ONNX_WEIGHT_SCHEMES``); 2 x 127 x 128 fits. The quantizer's
+    documentation asks for it on such CPUs. The graph is built and compiled where it runs, so the
+    choice follows this CPU (on a VNNI CPU the full range keeps one more bit)."""
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
+    if reduce_range is None:
+        reduce_range = not cpu_int8_features().get("vnni", False)
     prepared = _inference_copy(model.eval(), reparameterize).eval()
     quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     return _pt2e_quantize(prepared, calibration.detach().float().cpu(), quantizer)
 
 
