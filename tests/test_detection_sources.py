@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.network, pytest.mark.filterwarnings(
 # Found in the deepforest==2.1.0 wheel (deepforest/data/*.xml): 574 + 279 boxes on two YELL crops
 # (2299x2472 and 1249x1035), 61 on OSBS_029 and 37 on SOAP_061 (400x400 each).
 DEEPFOREST_SOURCE_BOXES = 951
+ROOT = Path(__file__).resolve().parents[1]
 # Source image -> (width, height, boxes).
 DEEPFOREST_IMAGES = {
     "2019_YELL_2_528000_4978000_image_crop2.png": (2299, 2472, 574),
@@ -190,6 +191,24 @@ def test_deepforest_counts(deepforest: Path) -> None:
     assert all(per_source[name] > boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items() if name.startswith("2019"))
     assert all(per_source[name] == boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items() if not name.startswith("2019"))
     assert meta["license"] == "MIT" and meta["source"] == "deepforest==2.1.0"
+
+
+def test_scene_statistics_count_each_crown_once_across_overlapping_tiles(deepforest: Path) -> None:
+    # benchmarks/deepforest_scenes.py (docs/detection.md's scene table) maps tile boxes back to their
+    # scene: every scene must come back with the crowns its source annotation file holds.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deepforest_scenes", ROOT / "benchmarks" / "deepforest_scenes.py")
+    scenes_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scenes_module)
+    scenes = {}
+    for split in ("train", "val"):
+        scenes.update(scenes_module.scene_stats(_load(deepforest / f"{split}.json")))
+    assert {name: s["crowns"] for name, s in scenes.items()} == {
+        name: boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items()}
+    for name, (width, height, _) in DEEPFOREST_IMAGES.items():
+        assert scenes[name]["scene_px"] == [width, height]
+        assert 0 < scenes[name]["canopy_cover"] < 1
 
 
 def test_all_sets_load_with_pycocotools(deepforest: Path, quokka: Path, terrain: Path) -> None:
