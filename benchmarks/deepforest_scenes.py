@@ -9,7 +9,14 @@ in two overlapping tiles has the same scene box), then reports:
 - ``crowns``: distinct labelled crowns; ``scene_px``: the scene's extent covered by its tiles;
 - ``crowns_per_mpx``: crowns per million scene pixels (how dense the stand is);
 - ``crown_side_px``: median and quartiles of sqrt(w * h) of the crowns;
-- ``canopy_cover``: the fraction of the scene's pixels inside at least one crown box.
+- ``box_cover``: the fraction of the scene's pixels inside at least one crown box (a stand-in for
+  canopy cover: boxes are wider than crowns);
+- ``tile_labels_per_mpx``: per tile, its labels (crowns or their visible parts) per million tile
+  pixels, p10 / median / p90 over the scene's tiles, and how many tiles of each split are at least
+  as dense as the validation scene's median tile.
+
+The same for ``fit.json`` and ``tune.json`` (the training scenes cut into the region a recipe is
+trained on and the held-out band it is chosen on).
 
 Nothing is trained or timed. Writes ``scenes.json`` and ``scenes.md`` to --out.
 
@@ -27,19 +34,23 @@ import numpy as np
 
 
 def scene_stats(coco: dict) -> dict:
+    """Per source scene of one COCO file (a split, or the fit / tune regions): see the module docstring."""
     images = {im["id"]: im for im in coco["images"]}
     crowns = defaultdict(set)
-    extent = defaultdict(lambda: [0, 0])
+    extent = {}
     tiles = defaultdict(int)
+    labels_per_tile = defaultdict(int)
     for im in coco["images"]:
         x0, y0 = im["tile_origin"]
-        ext = extent[im["source_image"]]
-        ext[0], ext[1] = max(ext[0], x0 + im["width"]), max(ext[1], y0 + im["height"])
+        box = extent.get(im["source_image"], (x0, y0, x0, y0))
+        extent[im["source_image"]] = (min(box[0], x0), min(box[1], y0),
+                                      max(box[2], x0 + im["width"]), max(box[3], y0 + im["height"]))
         tiles[im["source_image"]] += 1
     for ann in coco["annotations"]:
         if ann.get("iscrowd", 0):
             continue
         im = images[ann["image_id"]]
+        labels_per_tile[im["id"]] += 1
         x0, y0 = im["tile_origin"]
         x, y, w, h = ann["bbox"]
         # A box clipped by a tile edge differs from the same crown seen whole in the next tile; both
@@ -47,22 +58,33 @@ def scene_stats(coco: dict) -> dict:
         crowns[im["source_image"]].add((round(x + x0, 1), round(y + y0, 1), round(w, 1), round(h, 1)))
     out = {}
     for scene in sorted(tiles):
-        width, height = extent[scene]
+        left, top, right, bottom = extent[scene]
         boxes = _drop_clipped_duplicates(sorted(crowns[scene]))
-        cover = np.zeros((height, width), dtype=bool)
+        cover = np.zeros((bottom - top, right - left), dtype=bool)
         for x, y, w, h in boxes:
-            cover[int(y):int(np.ceil(y + h)), int(x):int(np.ceil(x + w))] = True
-        sides = np.sqrt([w * h for _, _, w, h in boxes])
+            cover[int(y) - top:int(np.ceil(y + h)) - top, int(x) - left:int(np.ceil(x + w)) - left] = True
+        sides = np.sqrt([w * h for _, _, w, h in boxes]) if boxes else np.zeros(1)
+        # Labels (crowns or their visible parts) per tile, per million tile pixels: how dense each tile is.
+        tile_density = [labels_per_tile[im["id"]] / (im["width"] * im["height"] / 1e6)
+                        for im in coco["images"] if im["source_image"] == scene]
         out[scene] = {
             "site": next(im["site"] for im in coco["images"] if im["source_image"] == scene),
             "tiles": tiles[scene],
-            "scene_px": [width, height],
+            "scene_px": [right - left, bottom - top],
             "crowns": len(boxes),
-            "crowns_per_mpx": round(len(boxes) / (width * height / 1e6), 1),
+            "crowns_per_mpx": round(len(boxes) / ((right - left) * (bottom - top) / 1e6), 1),
             "crown_side_px": {q: round(float(np.percentile(sides, p)), 1) for q, p in (("p25", 25), ("median", 50), ("p75", 75))},
-            "canopy_cover": round(float(cover.mean()), 3),
+            "box_cover": round(float(cover.mean()), 3),
+            "tile_labels_per_mpx": {q: round(float(np.percentile(tile_density, p)), 1) for q, p in (("p10", 10), ("median", 50), ("p90", 90))},
+            "tile_labels_per_mpx_all": [round(d, 1) for d in tile_density],
         }
     return out
+
+
+def tiles_as_dense_as(record: dict, threshold: float) -> dict:
+    """Per split, how many tiles hold at least ``threshold`` labels per million pixels."""
+    return {split: sum(d >= threshold for s in scenes.values() for d in s["tile_labels_per_mpx_all"])
+            for split, scenes in record["splits"].items()}
 
 
 def _drop_clipped_duplicates(boxes):
@@ -86,21 +108,29 @@ def main() -> None:
     meta = json.loads((data / "meta.json").read_text())
     record = {"command": f"python benchmarks/deepforest_scenes.py --data {args.data} --out {args.out}",
               "source": meta["source"], "tile": meta["tile"], "overlap": meta["overlap"], "splits": {}}
-    for split in ("train", "val"):
+    for split in ("train", "val", "fit", "tune"):
         record["splits"][split] = scene_stats(json.loads((data / f"{split}.json").read_text()))
+    val_median = next(iter(record["splits"]["val"].values()))["tile_labels_per_mpx"]["median"]
+    record["val_median_tile_labels_per_mpx"] = val_median
+    record["tiles_as_dense_as_val_median"] = tiles_as_dense_as(record, val_median)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scenes.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [f"# DeepForest scenes ({record['source']}, tiles {record['tile']} px, overlap {record['overlap']} px)", "",
              f"`{record['command']}`", "",
-             "| split | scene | site | tiles | scene px | crowns | crowns / Mpx | crown side px (p25 / median / p75) | canopy cover |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| split | scene | site | tiles | scene px | crowns | crowns / Mpx | crown side px (p25 / median / p75) "
+             "| box cover | tile labels / Mpx (p10 / median / p90) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for split, scenes in record["splits"].items():
         for scene, s in scenes.items():
-            side = s["crown_side_px"]
+            side, tile = s["crown_side_px"], s["tile_labels_per_mpx"]
             lines.append(f"| {split} | {scene} | {s['site']} | {s['tiles']} | {s['scene_px'][0]}x{s['scene_px'][1]} | "
                          f"{s['crowns']} | {s['crowns_per_mpx']} | {side['p25']} / {side['median']} / {side['p75']} | "
-                         f"{s['canopy_cover']:.0%} |")
+                         f"{s['box_cover']:.0%} | {tile['p10']} / {tile['median']} / {tile['p90']} |")
+    dense = record["tiles_as_dense_as_val_median"]
+    lines += ["", f"Tiles at least as dense as the validation scene's median tile ({val_median} labels / Mpx): "
+              + ", ".join(f"{split} {n} of {sum(s['tiles'] for s in record['splits'][split].values())}"
+                          for split, n in dense.items()) + "."]
     (out / "scenes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

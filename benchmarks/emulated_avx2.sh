@@ -29,15 +29,17 @@ accuracy)
 tests)
     printf '#!/bin/sh\n# g++ as on an AVX2 machine: -march=native would mean the host ISA\nfor a; do shift; [ "$a" = -march=native ] && a=-march=haswell; set -- "$@" "$a"; done\nexec g++ "$@"\n' > "$work/g++"
     chmod +x "$work/g++"
+    base=$("$py" -c 'import sys; print(sys.base_prefix)')  # the interpreter's install: no machine paths in the record
     files=(tests/test_quantize.py tests/test_int8_debug.py tests/test_export.py tests/test_benchmark.py)
     {
         echo "# bash benchmarks/emulated_avx2.sh tests: ${qemu[*]} python -m pytest -v -p no:cacheprovider -p no:xdist ${files[*]}"
         echo "# commit $(git rev-parse --short HEAD), $(date -u +%Y-%m-%dT%H:%M:%SZ), host CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+        echo "# settings: CXX=<a g++ wrapper turning -march=native into -march=haswell> TORCHINDUCTOR_CACHE_DIR=<a fresh folder> OMP_NUM_THREADS=1 REPGHOST_NO_SKIPS=1"
         echo "# CPUID under the emulator: $("${qemu[@]}" "$py" -c 'import torch; c = torch.cpu.get_capabilities(); print({k: c[k] for k in ("avx2", "avx512_f", "avx512_vnni", "avx_vnni")})' 2>/dev/null)"
         start=$(date +%s)
         rc=0
         CXX="$work/g++" TORCHINDUCTOR_CACHE_DIR="$work/inductor" OMP_NUM_THREADS=1 REPGHOST_NO_SKIPS=1 \
-            "${qemu[@]}" "$py" -m pytest -v -p no:cacheprovider -p no:xdist "${files[@]}" 2>&1 | quiet | sed "s#$PWD/##g; s#$PWD#.#g" || rc=$?
+            "${qemu[@]}" "$py" -m pytest -v -p no:cacheprovider -p no:xdist "${files[@]}" 2>&1 | quiet | sed "s#$PWD/##g; s#$PWD#.#g; s#$base#<python>#g; s/[[:space:]]*\$//" || rc=$?
         echo "# exit status $rc, $(( $(date +%s) - start )) s wall"
     } > "$out/avx2-emulated-tests.txt"
     tail -n 3 "$out/avx2-emulated-tests.txt"

@@ -208,7 +208,12 @@ def test_scene_statistics_count_each_crown_once_across_overlapping_tiles(deepfor
         name: boxes for name, (_, _, boxes) in DEEPFOREST_IMAGES.items()}
     for name, (width, height, _) in DEEPFOREST_IMAGES.items():
         assert scenes[name]["scene_px"] == [width, height]
-        assert 0 < scenes[name]["canopy_cover"] < 1
+        assert 0 < scenes[name]["box_cover"] < 1
+    # The fit and tune regions split the large training scene's crowns between them.
+    crop = "2019_YELL_2_528000_4978000_image_crop2.png"
+    fit, tune = (scenes_module.scene_stats(_load(deepforest / f"{part}.json"))[crop] for part in ("fit", "tune"))
+    assert fit["crowns"] + tune["crowns"] == DEEPFOREST_IMAGES[crop][2]
+    assert fit["scene_px"][0] == tune["scene_px"][0] == DEEPFOREST_IMAGES[crop][0]
 
 
 def test_all_sets_load_with_pycocotools(deepforest: Path, quokka: Path, terrain: Path) -> None:

@@ -421,7 +421,7 @@ def quantize_for_inductor(
     ``calibration``. Returns the converted graph module; compile it with freezing on
     (:func:`repghost.deploy.compiled.compile_for_cpu`) so inductor lowers it to oneDNN int8 kernels.
 
-    ``reduce_range`` (default: on where this CPU has no VNNI) keeps activations in [0, 127]: without
+    ``reduce_range`` (default: on where this x86 CPU has no VNNI) keeps activations in [0, 127]: without
     VNNI, oneDNN's uint8 x int8 kernels add pairs of products in 16 bits and saturate (the same
     cause as ONNX Runtime's, see ``ONNX_WEIGHT_SCHEMES``); 2 x 127 x 128 fits. The quantizer's
     documentation asks for it on such CPUs. The graph is built and compiled where it runs, so the
@@ -429,7 +429,8 @@ def quantize_for_inductor(
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     if reduce_range is None:
-        reduce_range = not cpu_int8_features().get("vnni", False)
+        features = cpu_int8_features()  # {} off x86: the saturation is an x86 kernel's, keep the full range there
+        reduce_range = bool(features) and not features.get("vnni", False)
     prepared = _inference_copy(model.eval(), reparameterize).eval()
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
