@@ -117,7 +117,6 @@ def _train_one(args: argparse.Namespace, name: str) -> None:
                              "to train it again with these, or pass another --output")
     if not (run_dir / "final.json").is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
-        _note_machine(run_dir, args.threads)
         if (run_dir / "last.pth").is_file():
             print(f"{name}: resuming", flush=True)
             train_detector(resume_detect_config(str(run_dir)), resume=True)
@@ -148,6 +147,8 @@ def _fit_eval(run_dir: Path) -> Dict[str, Any]:
 
 
 def _summary(args: argparse.Namespace, names: List[str]) -> Dict[str, Any]:
+    from repghost.detection.train import trained_on
+
     out = Path(args.output)
     rows = []
     for name in names:
@@ -167,7 +168,7 @@ def _summary(args: argparse.Namespace, names: List[str]) -> Dict[str, Any]:
             "tune_best": {k: final["best"].get(f"bbox_{k}") for k in ("AP", "AP50", "AP75")}, "tune_best_epoch": final["best_epoch"],
             "fit_last": {k: fit["bbox"][k] for k in ("AP", "AP50", "AP75")},
             "final_train_loss": records[-1].get("train_loss") if records else None,
-            "trained_on": _where(run_dir),
+            "trained_on": trained_on(run_dir),
         })
     base = {k: v for k, v in _values(args, names[0]).items() if k not in RECIPES[names[0]] and k not in ("epochs", "output")}
     for key in ("train_ann", "train_images", "val_ann", "val_images", "data_root"):
@@ -177,34 +178,6 @@ def _summary(args: argparse.Namespace, names: List[str]) -> Dict[str, Any]:
             "min_steps": args.min_steps, "overrides": parse_set(args.set), "base": base, "runs": rows,
             "note": "synthetic set: a check of the machinery, no recipe evidence" if args.data == "synthetic" else
                     "trained on fit.json, scored on tune.json (held-out training band); the validation scene is not used"}
-
-
-def _note_machine(run_dir: Path, threads: int) -> None:
-    """Append where this (re)start of the run trains to ``machine.json``: a run resumed elsewhere lists both."""
-    file = run_dir / "machine.json"
-    machines = json.loads(file.read_text()) if file.is_file() else []
-    file.write_text(json.dumps(machines + [_machine(threads)], indent=1))
-
-
-def _where(run_dir: Path) -> str:
-    """The machines a run trained on, in a few words ("not recorded" for runs older than machine.json)."""
-    file = run_dir / "machine.json"
-    if not file.is_file():
-        return "not recorded"
-    words = [m["gpu"] or f"{m['cpu']} CPU, {m['threads']} thread(s)"
-             for m in json.loads(file.read_text())]
-    return "; ".join(dict.fromkeys(words))
-
-
-def _machine(threads: int) -> Dict[str, Any]:
-    """Where a run trains: the CPU (model, int8 flags, versions) and the GPU when training uses one
-    (AMP or not is in the run's config.yaml)."""
-    import torch
-
-    from repghost.bench.report import environment
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None  # detect train picks CUDA when present
-    return dict(environment(threads=threads), gpu=gpu)
 
 
 def _markdown(report: Dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from repghost.detection.data import AnnotationError, CocoSet, collate_detection,
 from repghost.detection.evaluate import coco_metrics, to_coco_results  # noqa: E402
 from repghost.detection.files import load_detector  # noqa: E402
 from repghost.detection.synthetic import make_synthetic_coco  # noqa: E402
-from repghost.detection.train import train_detector  # noqa: E402
+from repghost.detection.train import MACHINES, trained_on, train_detector  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*copy=False.*", category=DeprecationWarning)
 SMALL = dict(preset="light", min_size=96, max_size=96)
@@ -325,6 +325,13 @@ def test_a_resumed_run_makes_the_same_updates(tmp_path, synth):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and "bbox_AP50" in records[-1]
+    # machine.json lists where each start and resume trained, from the epoch it began at.
+    starts = json.loads((tmp_path / "split" / MACHINES).read_text())
+    assert [m["start_epoch"] for m in starts] == [1, 2]
+    assert all(m["threads"] == torch.get_num_threads() and m["processes"] == 1 and m["gpu"] is None
+               and m["versions"]["torch"] == torch.__version__ for m in starts)
+    assert trained_on(tmp_path / "split") == f"{starts[0]['cpu']} CPU, {torch.get_num_threads()} thread(s)"
+    assert trained_on(tmp_path / "no-such-run") == "not recorded"
     # The folded detector file rebuilds itself and gives the train form's detections.
     deploy, cats, form = load_detector(tmp_path / "split" / "deploy.safetensors")
     best, _, _ = load_detector(tmp_path / "split" / "best.safetensors")

@@ -142,6 +142,8 @@ def run_detection_study(
     call without it reports."""
     import yaml
 
+    from ..detection.train import trained_on
+
     say = progress or (lambda line: log.info("%s", line))
     values = dict(yaml.safe_load(Path(config).read_text()) or {})
     values.update(overrides or {})
@@ -162,7 +164,7 @@ def run_detection_study(
             final = _run(dict(values, backbone=backbone, seed=base_seed + k), run_dir, say)
             runs.append({"backbone": backbone, "seed": base_seed + k, "run": str(run_dir.relative_to(out)),
                          **{m: final["best"].get(m) for m in METRICS}, "best_epoch": final["best_epoch"],
-                         **_last_evaluation(run_dir)})
+                         **_last_evaluation(run_dir), "trained_on": trained_on(run_dir)})
     if partial:
         return None
     num_classes = len(json.loads((out / "runs" / f"{backbones[0]}-seed0" / "final.json").read_text())["categories"]["ids"])

@@ -103,9 +103,12 @@ def _flags(env: Dict[str, object]) -> str:
     return f" ({', '.join(flags)})" if flags else ""
 
 
-def environment(threads: int) -> Dict[str, object]:
-    """Where and with what a benchmark ran: CPU, versions, threads, date, load."""
+def environment(threads: int, *, runtimes: bool = True) -> Dict[str, object]:
+    """Where and with what a benchmark ran: CPU, versions, threads, date, load. ``runtimes=False``
+    leaves out the deployment runtimes' versions (a training run does not import them)."""
     import timm
+    import torch
+    import torchvision
 
     from ..deploy.quantize import cpu_int8_features
 
@@ -118,7 +121,8 @@ def environment(threads: int) -> Dict[str, object]:
         python=sys.version.split()[0],
         threads=threads,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        versions=dict(runtime_versions(), timm=timm.__version__, numpy=np.__version__),
+        versions=dict(runtime_versions() if runtimes else {"torch": torch.__version__},
+                      torchvision=torchvision.__version__, timm=timm.__version__, numpy=np.__version__),
     )
     if hasattr(os, "getloadavg"):
         env["loadavg_start"] = list(os.getloadavg())

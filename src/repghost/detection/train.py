@@ -2,8 +2,8 @@
 
 One process or torchrun (DDP; gloo on CPU, nccl on CUDA), AMP on CUDA, timm's optimizer and
 scheduler (stepped per update), a run folder with ``config.yaml``, ``metrics.jsonl``,
-``train.log``, ``last.pth`` (atomic, every epoch) and ``best.safetensors`` (the best epoch by
-box AP, mask AP for Mask R-CNN), and at the end ``deploy.safetensors`` (the backbone folded; its
+``train.log``, ``machine.json`` (where each start and resume trained), ``last.pth`` (atomic, every
+epoch) and ``best.safetensors`` (the best epoch by box AP, mask AP for Mask R-CNN), and at the end ``deploy.safetensors`` (the backbone folded; its
 outputs checked against the train form) and ``final.json``.
 
 Before every evaluation the backbone's trained BatchNorm statistics are recomputed over
@@ -50,11 +50,11 @@ from .precise_bn import precise_bn_subset, recompute_bn_statistics
 if TYPE_CHECKING:
     from ..training.loop import TrainCallbacks
 
-__all__ = ["train_detector", "epoch_loader", "resume_detect_config", "BEST_DETECTOR", "DEPLOY_DETECTOR", "detection_files", "fold_and_check"]
+__all__ = ["train_detector", "epoch_loader", "resume_detect_config", "BEST_DETECTOR", "DEPLOY_DETECTOR", "MACHINES", "trained_on", "detection_files", "fold_and_check"]
 
 log = logging.getLogger(__name__)
 
-BEST_DETECTOR, DEPLOY_DETECTOR = "best.safetensors", "deploy.safetensors"
+BEST_DETECTOR, DEPLOY_DETECTOR, MACHINES = "best.safetensors", "deploy.safetensors", "machine.json"
 
 
 def detection_files(cfg: DetectTrainConfig) -> Dict[str, str]:
@@ -92,6 +92,30 @@ def _prepare_run_dir(cfg: DetectTrainConfig, resume: bool, ctx: DistContext) -> 
 
         check_same_run(run_dir, yaml.safe_load((run_dir / CONFIG).read_text()) or {}, cfg.to_dict(), RUN_IDENTITY)
     return run_dir
+
+
+def _note_machine(run_dir: Path, start: int, ctx: DistContext) -> None:
+    """Append where this start (or resume) trains to ``machine.json``: CPU and its int8 flags,
+    threads, processes, GPU, versions, date and the first epoch it trains. A run resumed on another
+    machine or with other threads lists each, so its records say where every epoch came from."""
+    from ..bench.report import environment
+
+    file = run_dir / MACHINES
+    starts = json.loads(file.read_text()) if file.is_file() else []
+    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None
+    entry = dict(environment(threads=torch.get_num_threads(), runtimes=False), start_epoch=start + 1,
+                 processes=ctx.world_size, gpu=gpu)
+    atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(starts + [entry], indent=1) + "\n"))
+
+
+def trained_on(run_dir: Path) -> str:
+    """Where a run trained, in a few words, from its ``machine.json`` ("not recorded" for a run
+    older than the file): each distinct GPU, or CPU with its threads, in order."""
+    file = Path(run_dir) / MACHINES
+    if not file.is_file():
+        return "not recorded"
+    words = [m.get("gpu") or f"{m['cpu']} CPU, {m['threads']} thread(s)" for m in json.loads(file.read_text())]
+    return "; ".join(dict.fromkeys(words))
 
 
 def _datasets(cfg: DetectTrainConfig) -> Tuple[CocoSet, CocoSet, Any]:
@@ -336,6 +360,7 @@ def _train(cfg: DetectTrainConfig, ctx: DistContext, resume: bool, callbacks: Op
         log.info("resuming %s at epoch %d/%d", run_dir, start + 1, cfg.epochs)
     if ctx.is_main:
         save_config(cfg, run_dir / CONFIG)  # type: ignore[arg-type]  (any config with to_dict)
+        _note_machine(run_dir, start, ctx)
         log.info("%s", val_set.report.summary())
     forward: nn.Module = model
     if ctx.distributed:
