@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import sys
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 
-from ..deploy.export import MissingRuntimeError, runtime_versions
+from ..deploy.export import MissingRuntimeError
+from ..deploy.runtimes import environment  # noqa: F401  (bench's records and the trainers' machine.json share it)
 from ..files import atomic_write
 from .models import ModelSpec, parse_model
 from .published import SOURCES, published_accuracy
@@ -101,32 +98,6 @@ def _flags(env: Dict[str, object]) -> str:
 
     flags = int8_flag_names(dict(env.get("cpu_flags") or {}))  # type: ignore[call-overload]
     return f" ({', '.join(flags)})" if flags else ""
-
-
-def environment(threads: int, *, runtimes: bool = True) -> Dict[str, object]:
-    """Where and with what a benchmark ran: CPU, versions, threads, date, load. ``runtimes=False``
-    leaves out the deployment runtimes' versions (a training run does not import them)."""
-    import timm
-    import torch
-    import torchvision
-
-    from ..deploy.quantize import cpu_int8_features
-
-    cpu = cpu_int8_features()  # the model name and the flags that decide the int8 kernels (empty off x86)
-    env: Dict[str, object] = dict(
-        cpu=cpu.get("model") or platform.processor() or platform.machine(),
-        cpu_flags={k: v for k, v in cpu.items() if k != "model"},
-        cpu_count=os.cpu_count(),
-        platform=platform.platform(),
-        python=sys.version.split()[0],
-        threads=threads,
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        versions=dict(runtime_versions() if runtimes else {"torch": torch.__version__},
-                      torchvision=torchvision.__version__, timm=timm.__version__, numpy=np.__version__),
-    )
-    if hasattr(os, "getloadavg"):
-        env["loadavg_start"] = list(os.getloadavg())
-    return env
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import sys
 import tempfile
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, List
 
@@ -30,6 +32,7 @@ __all__ = [
     "load_runner",
     "require_format",
     "runtime_versions",
+    "environment",
     "with_torch_threads",
 ]
 
@@ -127,6 +130,31 @@ def runtime_versions() -> dict:
         else:
             versions[name] = module.__version__
     return versions
+
+
+def environment(threads: int, *, runtimes: bool = True) -> dict:
+    """Where and with what a benchmark ran: CPU, versions, threads, date, load. ``runtimes=False``
+    leaves out the deployment runtimes' versions (a training run does not import them)."""
+    import timm
+    import torchvision
+
+    from .quantize import cpu_int8_features
+
+    cpu = cpu_int8_features()  # the model name and the flags that decide the int8 kernels (empty off x86)
+    env: dict = dict(
+        cpu=cpu.get("model") or platform.processor() or platform.machine(),
+        cpu_flags={k: v for k, v in cpu.items() if k != "model"},
+        cpu_count=os.cpu_count(),
+        platform=platform.platform(),
+        python=sys.version.split()[0],
+        threads=threads,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=dict(runtime_versions() if runtimes else {"torch": torch.__version__},
+                      torchvision=torchvision.__version__, timm=timm.__version__, numpy=np.__version__),
+    )
+    if hasattr(os, "getloadavg"):
+        env["loadavg_start"] = list(os.getloadavg())
+    return env
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def _note_machine(run_dir: Path, start: int, ctx: DistContext) -> None:
     """Append where this start (or resume) trains to ``machine.json``: CPU and its int8 flags,
     threads, processes, GPU, versions, date and the first epoch it trains. A run resumed on another
     machine or with other threads lists each, so its records say where every epoch came from."""
-    from ..bench.report import environment
+    from ..deploy.runtimes import environment
 
     file = run_dir / MACHINES
     starts = json.loads(file.read_text()) if file.is_file() else []
