@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-
 from ..deploy.export import MissingRuntimeError
 from ..deploy.runtimes import environment  # noqa: F401  (bench's records and the trainers' machine.json share it)
 from ..files import atomic_write
