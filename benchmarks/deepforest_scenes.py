@@ -38,14 +38,12 @@ def scene_stats(coco: dict) -> dict:
     images = {im["id"]: im for im in coco["images"]}
     crowns = defaultdict(set)
     extent = {}
-    tiles = defaultdict(int)
     labels_per_tile = defaultdict(int)
     for im in coco["images"]:
         x0, y0 = im["tile_origin"]
         box = extent.get(im["source_image"], (x0, y0, x0, y0))
         extent[im["source_image"]] = (min(box[0], x0), min(box[1], y0),
                                       max(box[2], x0 + im["width"]), max(box[3], y0 + im["height"]))
-        tiles[im["source_image"]] += 1
     for ann in coco["annotations"]:
         if ann.get("iscrowd", 0):
             continue
@@ -57,7 +55,7 @@ def scene_stats(coco: dict) -> dict:
         # are kept only if no tile shows the crown whole, which the 100 px overlap makes rare.
         crowns[im["source_image"]].add((round(x + x0, 1), round(y + y0, 1), round(w, 1), round(h, 1)))
     out = {}
-    for scene in sorted(tiles):
+    for scene in sorted(extent):
         left, top, right, bottom = extent[scene]
         boxes = _drop_clipped_duplicates(sorted(crowns[scene]))
         cover = np.zeros((bottom - top, right - left), dtype=bool)
@@ -65,11 +63,11 @@ def scene_stats(coco: dict) -> dict:
             cover[int(y) - top:int(np.ceil(y + h)) - top, int(x) - left:int(np.ceil(x + w)) - left] = True
         sides = np.sqrt([w * h for _, _, w, h in boxes]) if boxes else np.zeros(1)
         # Labels (crowns or their visible parts) per tile, per million tile pixels: how dense each tile is.
-        tile_density = [labels_per_tile[im["id"]] / (im["width"] * im["height"] / 1e6)
-                        for im in coco["images"] if im["source_image"] == scene]
+        scene_tiles = [im for im in coco["images"] if im["source_image"] == scene]
+        tile_density = [labels_per_tile[im["id"]] / (im["width"] * im["height"] / 1e6) for im in scene_tiles]
         out[scene] = {
-            "site": next(im["site"] for im in coco["images"] if im["source_image"] == scene),
-            "tiles": tiles[scene],
+            "site": scene_tiles[0]["site"],
+            "tiles": len(scene_tiles),
             "scene_px": [right - left, bottom - top],
             "crowns": len(boxes),
             "crowns_per_mpx": round(len(boxes) / ((right - left) * (bottom - top) / 1e6), 1),
